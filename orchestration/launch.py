@@ -1,0 +1,96 @@
+"""Start (or join) Ray and run a recipe as a Ray Train TorchTrainer whose workers call `train_func`."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+from orchestration.recipe import recipe_to_dict
+from orchestration.schema import Recipe
+
+
+def run_dir_for(recipe: Recipe) -> Path:
+    return Path(os.path.expanduser(recipe.cluster.storage_path)).resolve() / recipe.name
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(run_dir.glob("step_*/meta.json"))
+
+
+def run_identity(recipe: Recipe, run_dir: Path) -> str:
+    """The run's stable id (also its W&B id), created once and kept in run.json across restarts."""
+    path = run_dir / "run.json"
+    if path.is_file():
+        return json.loads(path.read_text())["run_id"]
+    run_id = f"{recipe.name}-{uuid.uuid4().hex[:8]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": run_id, "name": recipe.name}))
+    return run_id
+
+
+def worker_env(recipe: Recipe) -> dict[str, str]:
+    """Environment for the workers: accelerator choice, extension cache, W&B settings (secrets by env)."""
+    env = {"TORCH_EXTENSIONS_DIR": os.environ.get(
+        "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/nuance/torch_extensions"))}
+    if not recipe.cluster.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "HF_HUB_OFFLINE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def init_ray(recipe: Recipe) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env(recipe)}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    cluster = recipe.cluster
+    needed = int(round(cluster.num_workers * cluster.cpus_per_worker + 0.49))
+    # An embedded cluster advertises at least the CPUs the recipe asks for: Ray CPUs are a scheduling
+    # unit, and a 2-worker run must start on a 1- or 2-core laptop.
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env,
+             log_to_driver=True)
+
+
+def train(recipe: Recipe):
+    """Run the recipe to completion; returns the Ray Train `Result`."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from data.builder import ensure_toy_dataset
+    from trainers.entry import train_func
+
+    run_dir = run_dir_for(recipe)
+    if recipe.train.resume == "never" and has_checkpoints(run_dir):
+        raise ValueError(f"run '{recipe.name}' already has checkpoints in {run_dir}; set train.resume=auto to "
+                         f"continue it, or name=<new name> for a new run")
+    if recipe.data.source == "toy":
+        ensure_toy_dataset(recipe.data)  # once here, so the workers find it ready
+    run_id = run_identity(recipe, run_dir)
+    init_ray(recipe)
+    cluster = recipe.cluster
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"recipe": recipe_to_dict(recipe), "run": {"run_id": run_id, "run_dir": str(run_dir)}},
+        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=recipe.name, storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
+        ),
+    )
+    return trainer.fit()

@@ -1,0 +1,56 @@
+"""Build the pieces of a diffusion model from a recipe: autoencoder, text encoder, conditioner,
+backbone and objective. Shared by every training loop and by sampling / export."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from orchestration.schema import ObjectiveConfig, Recipe
+from trainers.conditioning import Conditioner
+from trainers.diffusion import build_objective
+from trainers.models.backbone import Backbone, build_backbone
+from trainers.models.encoders import PixelSpace, TextEncoder, build_autoencoder
+from trainers.models.presets import preset_conditioning
+
+
+@dataclass
+class Components:
+    autoencoder: torch.nn.Module
+    text_encoder: TextEncoder | None
+    conditioner: Conditioner
+    backbone: Backbone
+    objective: object
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.conditioner.image_size // self.autoencoder.downsample
+        return (self.autoencoder.latent_channels, size, size)
+
+
+def objective_from_config(cfg: ObjectiveConfig):
+    return build_objective(
+        cfg.kind, schedule=cfg.schedule, num_timesteps=cfg.num_timesteps, beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end, zero_terminal_snr=cfg.zero_terminal_snr, logit_mean=cfg.logit_mean,
+        logit_std=cfg.logit_std)
+
+
+def build_components(recipe: Recipe, device: torch.device | str = "cpu") -> Components:
+    autoencoder = build_autoencoder(recipe.vae, device)
+    text_encoder = None
+    if preset_conditioning(recipe.model.name) == "text":
+        text_encoder = TextEncoder(recipe.text_encoder, device)
+    image_size = recipe.data.image_size
+    if image_size % autoencoder.downsample:
+        raise ValueError(f"data.image_size={image_size} is not divisible by the VAE's downsampling "
+                         f"factor {autoencoder.downsample}")
+    backbone = build_backbone(
+        recipe.model, in_channels=autoencoder.latent_channels, sample_size=image_size // autoencoder.downsample,
+        cond_dim=text_encoder.hidden_size if text_encoder else None)
+    conditioner = Conditioner(backbone.conditioning, text_encoder=text_encoder, num_classes=backbone.num_classes,
+                              image_size=image_size, uses_time_ids=backbone.uses_time_ids)
+    return Components(autoencoder, text_encoder, conditioner, backbone, objective_from_config(recipe.objective))
+
+
+__all__ = ["Components", "PixelSpace", "build_components", "objective_from_config"]

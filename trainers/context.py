@@ -1,0 +1,41 @@
+"""What a training loop knows about where it runs: rank, device, run directory, how to report."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RunContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    run_dir: Path
+    """Local directory for samples, metrics.jsonl and the W&B run folder (rank 0 writes)."""
+    run_id: str
+    """Stable id of the run across restarts (the W&B run id)."""
+    resume_from: str | None = None
+    """A local checkpoint directory to continue from."""
+    report: Callable[[dict, str | None], None] = field(default=lambda metrics, ckpt_dir: None)
+    """report(metrics, checkpoint_dir or None): every rank calls it at the same points."""
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[nuance] {message}", flush=True)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Different noise per rank (else data-parallel ranks would draw identical noise), same weights init."""
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
+
+
+def reseed_for_rank(seed: int, rank: int) -> None:
+    torch.manual_seed(seed * 1000 + rank + 1)

@@ -1,0 +1,58 @@
+"""`train_func(config)`: the only thing a Ray Train worker runs, and the only Ray boundary.
+
+`config` is plain data: {"recipe": <resolved recipe dict>, "run": {"run_id", "run_dir"}}.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from trainers.engine import ensure_deepspeed_accelerator
+
+
+def _loops() -> dict:
+    from trainers.loops import pretrain
+
+    return {"pretrain": pretrain.run}
+
+
+def train_func(config: dict) -> None:
+    ensure_deepspeed_accelerator()
+    import ray.train
+
+    from orchestration.recipe import recipe_from_dict
+    from trainers.context import RunContext
+
+    recipe = recipe_from_dict(config["recipe"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    if torch.cuda.is_available() and recipe.cluster.use_gpu:
+        device = torch.device("cuda", context.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        name = f"step_{metrics['step']:08d}" if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    restored = ray.train.get_checkpoint()
+    local_copy = None
+    resume_from = None
+    if restored is not None:  # a restart after failure, or a resubmission of the same run
+        local_copy = tempfile.mkdtemp(prefix="nuance-resume-")
+        resume_from = restored.to_directory(local_copy)
+    elif recipe.train.resume not in ("auto", "never"):
+        resume_from = recipe.train.resume
+    ctx = RunContext(rank=rank, world_size=world_size, device=device, run_dir=Path(config["run"]["run_dir"]),
+                     run_id=config["run"]["run_id"], resume_from=resume_from, report=report)
+    try:
+        _loops()[recipe.kind](recipe, ctx)
+    finally:
+        if local_copy:
+            shutil.rmtree(local_copy, ignore_errors=True)

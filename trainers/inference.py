@@ -1,0 +1,95 @@
+"""Use a trained checkpoint: sample PNGs, or export a diffusers-format folder that stock diffusers loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from orchestration.schema import Recipe
+from trainers import checkpoint
+from trainers.components import Components, build_components
+from trainers.models.backbone import SUBFOLDER
+from trainers.sampling import generate, save_images
+
+PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+BETA_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+
+
+def load_checkpoint_model(ckpt_dir: str | Path, use_ema: bool = True,
+                          device: torch.device | str = "cpu") -> tuple[Recipe, Components]:
+    ckpt_dir = Path(ckpt_dir)
+    checkpoint.read_meta(ckpt_dir)
+    recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe),
+                                                 OmegaConf.load(ckpt_dir / "recipe.yaml")))
+    recipe.model.pretrained = None  # the checkpoint holds every weight; build the architecture only
+    comps = build_components(recipe, device)
+    comps.backbone.load_state_dict(checkpoint.model_state_dict(ckpt_dir, use_ema=use_ema))
+    comps.backbone.to(device).eval()
+    return recipe, comps
+
+
+def sample_from_checkpoint(ckpt_dir: str | Path, *, prompts: list[str], classes: list[int], steps: int, cfg: float,
+                           sampler: str = "default", num_per_condition: int = 4, seed: int = 0,
+                           out: str | Path = "samples", use_ema: bool = True) -> list[Path]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    recipe, comps = load_checkpoint_model(ckpt_dir, use_ema, device)
+    if comps.conditioner.conditioning == "text" and not prompts:
+        prompts = list(recipe.sample.prompts)
+    if comps.conditioner.conditioning == "class" and not classes:
+        classes = list(recipe.sample.classes)
+    images, titles = generate(
+        comps.backbone, comps.objective, comps.conditioner, comps.autoencoder, prompts=prompts, classes=classes,
+        num_per_condition=num_per_condition, latent_shape=comps.latent_shape, steps=steps, cfg=cfg,
+        sampler=sampler, seed=seed, device=device)
+    paths = []
+    for i, title in enumerate(dict.fromkeys(titles)):
+        stem = title.replace(" ", "_").replace("/", "_")[:60]
+        chunk = images[i * num_per_condition:(i + 1) * num_per_condition]
+        paths += save_images(chunk, out, stem)
+    return paths
+
+
+def diffusers_scheduler(recipe: Recipe):
+    """The stock diffusers scheduler matching the recipe's objective."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    obj = recipe.objective
+    if obj.kind == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return DDIMScheduler(num_train_timesteps=obj.num_timesteps, beta_start=obj.beta_start, beta_end=obj.beta_end,
+                         beta_schedule=BETA_SCHEDULE[obj.schedule], prediction_type=PREDICTION_TYPE[obj.kind],
+                         rescale_betas_zero_snr=obj.zero_terminal_snr, timestep_spacing="trailing",
+                         clip_sample=False, set_alpha_to_one=False)
+
+
+def export_diffusers(ckpt_dir: str | Path, out: str | Path, use_ema: bool = True) -> Path:
+    """Write `out/` as diffusers expects: the backbone (`transformer/` or `unet/`), `scheduler/`, `vae/`,
+    the text encoder and tokenizer when the model is text-conditional, and `model_index.json` when a stock
+    pipeline fits (DiT + VAE -> DiTPipeline)."""
+    recipe, comps = load_checkpoint_model(ckpt_dir, use_ema)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"export target {out} is not empty")
+    family = comps.backbone.family
+    scheduler = diffusers_scheduler(recipe)
+    if family == "dit" and recipe.vae != "none":
+        from diffusers import DiTPipeline
+
+        DiTPipeline(transformer=comps.backbone.net, vae=comps.autoencoder.vae, scheduler=scheduler).save_pretrained(out)
+    else:
+        comps.backbone.net.save_pretrained(out / SUBFOLDER[family])
+        scheduler.save_pretrained(out / "scheduler")
+        if recipe.vae != "none":
+            comps.autoencoder.vae.save_pretrained(out / "vae")
+    if comps.text_encoder is not None:
+        comps.text_encoder.model.save_pretrained(out / "text_encoder")
+        comps.text_encoder.tokenizer.save_pretrained(out / "tokenizer")
+    shutil.copy(Path(ckpt_dir) / "recipe.yaml", out / "nuance_recipe.yaml")
+    (out / "nuance_export.json").write_text(json.dumps(
+        {"checkpoint": str(Path(ckpt_dir).resolve()), "ema": use_ema, "backbone": SUBFOLDER[family],
+         "pixel_space": recipe.vae == "none", "objective": recipe.objective.kind}, indent=1))
+    return out

@@ -1,0 +1,128 @@
+"""Backbones: diffusers DiT / PixArt / U-Net behind one `forward(x_t, t, **cond)`.
+
+The adapter is the `nn.Module` handed to DeepSpeed. DeepSpeed's bf16/fp16 modes cast the whole
+module, so every input the adapter builds is cast to the weight dtype here, and the output is
+returned in fp32 so the loss is always computed in full precision.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
+from diffusers.models.embeddings import LabelEmbedding
+from torch import nn
+
+from orchestration.schema import ModelConfig
+from trainers.models.presets import PRESETS, preset_conditioning
+
+NET_CLASSES = {"dit": DiTTransformer2DModel, "pixart": PixArtTransformer2DModel, "unet": UNet2DConditionModel}
+SUBFOLDER = {"dit": "transformer", "pixart": "transformer", "unet": "unet"}
+
+
+class Backbone(nn.Module):
+    """`forward(x_t, t_model, class_labels | encoder_hidden_states[, mask, pooled, time_ids])`."""
+
+    def __init__(self, net: nn.Module, family: str):
+        super().__init__()
+        self.net = net
+        self.family = family
+        self.conditioning = {"dit": "class", "pixart": "text", "unet": "text"}[family]
+
+    @property
+    def in_channels(self) -> int:
+        return self.net.config.in_channels
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.net.config.num_embeds_ada_norm if self.family == "dit" else None
+
+    @property
+    def uses_time_ids(self) -> bool:
+        return self.family == "unet" and self.net.config.addition_embed_type == "text_time"
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, C, H, W) noisy latents
+        t: torch.Tensor,  # (B,) model time (diffusers convention: [0, 1000))
+        class_labels: torch.Tensor | None = None,  # (B,) long; num_classes = null class
+        encoder_hidden_states: torch.Tensor | None = None,  # (B, T, D)
+        encoder_attention_mask: torch.Tensor | None = None,  # (B, T) 1 = token, 0 = pad
+        pooled: torch.Tensor | None = None,  # (B, D) pooled text embedding (SDXL-style add. cond.)
+        time_ids: torch.Tensor | None = None,  # (B, 6) SDXL size/crop conditioning
+    ) -> torch.Tensor:
+        dtype = next(self.net.parameters()).dtype
+        x = x.to(dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states.to(dtype)
+        if self.family == "dit":
+            out = self.net(x, timestep=t, class_labels=class_labels).sample
+        elif self.family == "pixart":
+            out = self.net(
+                x,
+                encoder_hidden_states=encoder_hidden_states,
+                timestep=t,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                encoder_attention_mask=encoder_attention_mask,
+            ).sample
+        else:
+            added = None
+            if self.uses_time_ids:
+                added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+            out = self.net(
+                x, t, encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask, added_cond_kwargs=added,
+            ).sample
+        # Checkpoints trained with learned variance (DiT, PixArt) predict 2C channels: keep the mean.
+        return out[:, : x.shape[1]].float()
+
+
+def _preset_kwargs(name: str, in_channels: int, sample_size: int, cond_dim: int | None,
+                   num_classes: int | None) -> tuple[str, dict]:
+    kwargs = dict(PRESETS[name])
+    family = kwargs.pop("family")
+    kwargs.update(in_channels=in_channels, out_channels=in_channels, sample_size=sample_size)
+    if family == "dit":
+        kwargs["num_embeds_ada_norm"] = num_classes or kwargs["num_embeds_ada_norm"]
+    elif family == "pixart":
+        width = kwargs["num_attention_heads"] * kwargs["attention_head_dim"]
+        kwargs.update(cross_attention_dim=width, caption_channels=cond_dim, use_additional_conditions=False)
+    else:
+        kwargs["cross_attention_dim"] = cond_dim
+        if kwargs.get("addition_embed_type") == "text_time":
+            kwargs["projection_class_embeddings_input_dim"] = cond_dim + 6 * kwargs["addition_time_embed_dim"]
+    return family, kwargs
+
+
+def build_backbone(cfg: ModelConfig, *, in_channels: int, sample_size: int, cond_dim: int | None = None,
+                   torch_dtype: torch.dtype | None = None) -> Backbone:
+    """A backbone from a preset (random init) or from `cfg.pretrained` (a local diffusers folder)."""
+    family = PRESETS[cfg.name]["family"]
+    if cfg.pretrained:
+        net = NET_CLASSES[family].from_pretrained(os.path.expanduser(cfg.pretrained), torch_dtype=torch_dtype)
+        _check_pretrained(net, family, cfg, in_channels, cond_dim)
+    else:
+        family, kwargs = _preset_kwargs(cfg.name, in_channels, sample_size, cond_dim, cfg.num_classes)
+        net = NET_CLASSES[family](**kwargs)
+    # Condition dropout for classifier-free guidance is done once, by the conditioner; diffusers'
+    # DiT would otherwise drop labels a second time inside the label embedding.
+    for module in net.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    if cfg.gradient_checkpointing:
+        net.enable_gradient_checkpointing()
+    assert preset_conditioning(cfg.name) == Backbone(net, family).conditioning
+    return Backbone(net, family)
+
+
+def _check_pretrained(net: nn.Module, family: str, cfg: ModelConfig, in_channels: int,
+                      cond_dim: int | None) -> None:
+    conf = net.config
+    if conf.in_channels != in_channels:
+        raise ValueError(f"model.pretrained={cfg.pretrained} takes {conf.in_channels} input channels but "
+                         f"the data gives {in_channels} (check 'vae')")
+    want = conf.get("caption_channels") if family == "pixart" else conf.get("cross_attention_dim")
+    if family != "dit" and cond_dim is not None and want != cond_dim:
+        raise ValueError(f"model.pretrained={cfg.pretrained} expects text embeddings of width {want} but "
+                         f"text_encoder.path={cfg.name} gives {cond_dim}: use the encoder it was trained with")

