@@ -39,6 +39,18 @@ PRESETS: dict[str, dict] = {
         "attention_head_dim": 8,
         "norm_num_groups": 8,
     },
+    # Tiny U-Net with SDXL's micro-conditioning path (pooled text + size/crop ids), for tests.
+    "unet_sdxl_debug": {
+        "family": "unet",
+        "block_out_channels": (32, 64),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "layers_per_block": 1,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 16,
+    },
     "unet_sd15": {**_SD_BLOCKS, "attention_head_dim": 8},
     "unet_sd2": {**_SD_BLOCKS, "attention_head_dim": (5, 10, 20, 20), "use_linear_projection": True},
     "unet_sdxl": {

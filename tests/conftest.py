@@ -1,0 +1,37 @@
+"""Shared fixtures. Heavy things (Ray clusters, DeepSpeed process groups) are started once per session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# DeepSpeed picks its accelerator at import time; these tests run on CPU.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/nuance/torch_extensions"))
+os.environ.pop("WANDB_API_KEY", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def nuance_cli() -> list[str]:
+    """The installed console script, run as a subprocess like a user would."""
+    return [sys.executable, "-m", "orchestration.cli"]
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory) -> Path:
+    """One toy-dataset cache for the whole session (several runs share it)."""
+    return tmp_path_factory.mktemp("toy-cache")
