@@ -359,6 +359,9 @@ class ShardStream:
             persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None,
             in_order=True,
+            # DataLoader draws its workers' base seed from this generator; without one it would draw
+            # from the global torch RNG, shifting the trainer's noise stream after a resume.
+            generator=torch.Generator().manual_seed(self.settings.seed),
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
