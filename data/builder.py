@@ -20,14 +20,27 @@ def toy_dataset_dir(cfg: DataConfig) -> Path:
 def ensure_toy_dataset(cfg: DataConfig) -> list[str]:
     """Write the quickstart's procedural shapes dataset on first use (idempotent, safe to race)."""
     per_shard = min(TOY_SAMPLES_PER_SHARD, max(1, cfg.toy_samples // 8))
-    return write_toy_shards(toy_dataset_dir(cfg), num_samples=cfg.toy_samples, image_size=cfg.image_size,
-                            samples_per_shard=per_shard, seed=0)
+    return write_toy_shards(
+        toy_dataset_dir(cfg),
+        num_samples=cfg.toy_samples,
+        image_size=cfg.image_size,
+        samples_per_shard=per_shard,
+        seed=0,
+    )
 
 
-def build_stream(cfg: DataConfig, *, rank: int, world_size: int, seed: int,
-                 num_workers: int | None = None) -> ShardStream:
+def build_stream(
+    cfg: DataConfig, *, rank: int, world_size: int, seed: int, num_workers: int | None = None
+) -> ShardStream:
     urls = ensure_toy_dataset(cfg) if cfg.source == "toy" else cfg.source
-    return ShardStream(urls, rank=rank, world_size=world_size, batch_size=cfg.batch_size,
-                       image_size=cfg.image_size, seed=seed,
-                       num_workers=cfg.num_workers if num_workers is None else num_workers,
-                       shuffle_buffer=cfg.shuffle_buffer, random_flip=cfg.random_flip)
+    return ShardStream(
+        urls,
+        rank=rank,
+        world_size=world_size,
+        batch_size=cfg.batch_size,
+        image_size=cfg.image_size,
+        seed=seed,
+        num_workers=cfg.num_workers if num_workers is None else num_workers,
+        shuffle_buffer=cfg.shuffle_buffer,
+        random_flip=cfg.random_flip,
+    )

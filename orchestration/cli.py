@@ -54,8 +54,17 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     from trainers.inference import sample_from_checkpoint
 
     paths = sample_from_checkpoint(
-        ns.checkpoint, prompts=ns.prompt, classes=ns.class_ids, steps=ns.steps, cfg=ns.cfg, sampler=ns.sampler,
-        num_per_condition=ns.num, seed=ns.seed, out=ns.out, use_ema=not ns.no_ema)
+        ns.checkpoint,
+        prompts=ns.prompt,
+        classes=ns.class_ids,
+        steps=ns.steps,
+        cfg=ns.cfg,
+        sampler=ns.sampler,
+        num_per_condition=ns.num,
+        seed=ns.seed,
+        out=ns.out,
+        use_ema=not ns.no_ema,
+    )
     for p in paths:
         print(p)
     return 0
@@ -70,8 +79,12 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nuance", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="nuance",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a recipe under Ray (embedded cluster, or RAY_ADDRESS)")
@@ -87,8 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate PNGs from a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--prompt", action="append", default=[], help="caption (text models); repeatable")
-    p.add_argument("--class", dest="class_ids", action="append", type=int, default=[],
-                   help="class id (class-conditional models); repeatable")
+    p.add_argument(
+        "--class",
+        dest="class_ids",
+        action="append",
+        type=int,
+        default=[],
+        help="class id (class-conditional models); repeatable",
+    )
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--sampler", default="default", choices=["default", "ddpm", "ddim", "euler"])

@@ -32,8 +32,11 @@ def run_identity(recipe: Recipe, run_dir: Path) -> str:
 
 def worker_env(recipe: Recipe) -> dict[str, str]:
     """Environment for the workers: accelerator choice, extension cache, W&B settings (secrets by env)."""
-    env = {"TORCH_EXTENSIONS_DIR": os.environ.get(
-        "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/nuance/torch_extensions"))}
+    env = {
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/nuance/torch_extensions")
+        )
+    }
     if not recipe.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "HF_HUB_OFFLINE"):
@@ -56,8 +59,7 @@ def init_ray(recipe: Recipe) -> None:
     needed = int(round(cluster.num_workers * cluster.cpus_per_worker + 0.49))
     # An embedded cluster advertises at least the CPUs the recipe asks for: Ray CPUs are a scheduling
     # unit, and a 2-worker run must start on a 1- or 2-core laptop.
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env,
-             log_to_driver=True)
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env, log_to_driver=True)
 
 
 def train(recipe: Recipe):
@@ -71,8 +73,10 @@ def train(recipe: Recipe):
 
     run_dir = run_dir_for(recipe)
     if recipe.train.resume == "never" and has_checkpoints(run_dir):
-        raise ValueError(f"run '{recipe.name}' already has checkpoints in {run_dir}; set train.resume=auto to "
-                         f"continue it, or name=<new name> for a new run")
+        raise ValueError(
+            f"run '{recipe.name}' already has checkpoints in {run_dir}; set train.resume=auto to "
+            f"continue it, or name=<new name> for a new run"
+        )
     if recipe.data.source == "toy":
         ensure_toy_dataset(recipe.data)  # once here, so the workers find it ready
     run_id = run_identity(recipe, run_dir)
@@ -83,12 +87,17 @@ def train(recipe: Recipe):
         resources["GPU"] = cluster.gpus_per_worker
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"recipe": recipe_to_dict(recipe), "run": {"run_id": run_id, "run_dir": str(run_dir)}},
-        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
-                                     resources_per_worker=resources),
+        train_loop_config={
+            "recipe": recipe_to_dict(recipe),
+            "run": {"run_id": run_id, "run_dir": str(run_dir)},
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cluster.num_workers, use_gpu=cluster.use_gpu, resources_per_worker=resources
+        ),
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=recipe.name, storage_path=str(run_dir.parent),
+            name=recipe.name,
+            storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
         ),

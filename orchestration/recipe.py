@@ -7,9 +7,9 @@ names the key and the file (or "command line" for overrides).
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 from dataclasses import fields, is_dataclass
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -107,31 +107,51 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     from trainers.models.presets import PRESETS, preset_family
 
     _choice(recipe.kind, schema.RECIPE_KINDS, source, "kind")
-    _check(recipe.model.name in PRESETS, source, "model.name",
-           f"is '{recipe.model.name}'; known presets: {', '.join(sorted(PRESETS))}")
+    _check(
+        recipe.model.name in PRESETS,
+        source,
+        "model.name",
+        f"is '{recipe.model.name}'; known presets: {', '.join(sorted(PRESETS))}",
+    )
     family = preset_family(recipe.model.name)
     obj = recipe.objective
     _choice(obj.kind, schema.OBJECTIVES, source, "objective.kind")
     _choice(obj.schedule, schema.SCHEDULES, source, "objective.schedule")
-    _check(not (obj.zero_terminal_snr and obj.kind == "eps"), source, "objective.zero_terminal_snr",
-           "needs objective.kind v or x0: eps-prediction is undefined at zero terminal SNR (Lin et al. 2024)")
+    _check(
+        not (obj.zero_terminal_snr and obj.kind == "eps"),
+        source,
+        "objective.zero_terminal_snr",
+        "needs objective.kind v or x0: eps-prediction is undefined at zero terminal SNR (Lin et al. 2024)",
+    )
     _check(0.0 <= obj.cond_dropout < 1.0, source, "objective.cond_dropout", "must be in [0, 1)")
     _check(obj.num_timesteps >= 2, source, "objective.num_timesteps", "must be >= 2")
-    _check(0 < obj.beta_start < obj.beta_end < 1, source, "objective.beta_start",
-           "and objective.beta_end must satisfy 0 < beta_start < beta_end < 1")
+    _check(
+        0 < obj.beta_start < obj.beta_end < 1,
+        source,
+        "objective.beta_start",
+        "and objective.beta_end must satisfy 0 < beta_start < beta_end < 1",
+    )
     _check(obj.logit_std > 0, source, "objective.logit_std", "must be > 0")
 
     data = recipe.data
     _check(data.batch_size >= 1, source, "data.batch_size", "must be >= 1")
     _check(data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
-    _check(data.image_size >= 8 and data.image_size % 8 == 0, source, "data.image_size",
-           "must be a multiple of 8 and >= 8")
+    _check(
+        data.image_size >= 8 and data.image_size % 8 == 0,
+        source,
+        "data.image_size",
+        "must be a multiple of 8 and >= 8",
+    )
     _check(data.toy_samples >= 1, source, "data.toy_samples", "must be >= 1")
 
     optim = recipe.optim
     _check(optim.lr > 0, source, "optim.lr", "must be > 0")
-    _check(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), source, "optim.betas",
-           "must be two numbers in [0, 1)")
+    _check(
+        len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+        source,
+        "optim.betas",
+        "must be two numbers in [0, 1)",
+    )
     _choice(optim.decay, schema.LR_DECAYS, source, "optim.decay")
     _check(optim.warmup_steps >= 0, source, "optim.warmup_steps", "must be >= 0")
     _check(optim.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
@@ -141,12 +161,24 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _choice(eng.zero_stage, (0, 1, 2, 3), source, "engine.zero_stage")
     _choice(eng.precision, schema.PRECISIONS, source, "engine.precision")
     _check(eng.grad_accum >= 1, source, "engine.grad_accum", "must be >= 1")
-    _check(not eng.offload_params or eng.zero_stage == 3, source, "engine.offload_params",
-           "needs engine.zero_stage=3 (only ZeRO-3 partitions parameters)")
-    _check(not eng.offload_optimizer or eng.zero_stage >= 1, source, "engine.offload_optimizer",
-           "needs engine.zero_stage >= 1")
-    _check(eng.precision != "fp16" or recipe.cluster.use_gpu, source, "engine.precision",
-           "fp16 needs a GPU (cluster.use_gpu=true); use fp32 or bf16 on CPU")
+    _check(
+        not eng.offload_params or eng.zero_stage == 3,
+        source,
+        "engine.offload_params",
+        "needs engine.zero_stage=3 (only ZeRO-3 partitions parameters)",
+    )
+    _check(
+        not eng.offload_optimizer or eng.zero_stage >= 1,
+        source,
+        "engine.offload_optimizer",
+        "needs engine.zero_stage >= 1",
+    )
+    _check(
+        eng.precision != "fp16" or recipe.cluster.use_gpu,
+        source,
+        "engine.precision",
+        "fp16 needs a GPU (cluster.use_gpu=true); use fp32 or bf16 on CPU",
+    )
 
     train = recipe.train
     _check(train.max_steps >= 1, source, "train.max_steps", "must be >= 1")
@@ -159,41 +191,75 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     smp = recipe.sample
     _choice(smp.sampler, schema.SAMPLERS, source, "sample.sampler")
     valid = {"flow": ("default", "euler")}.get(obj.kind, ("default", "ddpm", "ddim"))
-    _check(smp.sampler in valid, source, "sample.sampler",
-           f"'{smp.sampler}' does not fit objective.kind={obj.kind}; use one of {', '.join(valid)}")
-    _check(smp.steps >= 1 and smp.num_per_condition >= 1 and smp.every >= 0, source, "sample",
-           "needs steps >= 1, num_per_condition >= 1 and every >= 0")
+    _check(
+        smp.sampler in valid,
+        source,
+        "sample.sampler",
+        f"'{smp.sampler}' does not fit objective.kind={obj.kind}; use one of {', '.join(valid)}",
+    )
+    _check(
+        smp.steps >= 1 and smp.num_per_condition >= 1 and smp.every >= 0,
+        source,
+        "sample",
+        "needs steps >= 1, num_per_condition >= 1 and every >= 0",
+    )
 
     cl = recipe.cluster
     _check(cl.num_workers >= 1, source, "cluster.num_workers", "must be >= 1")
     _check(cl.cpus_per_worker > 0, source, "cluster.cpus_per_worker", "must be > 0")
-    _check(not cl.use_gpu or cl.gpus_per_worker > 0, source, "cluster.gpus_per_worker",
-           "must be > 0 when cluster.use_gpu=true")
+    _check(
+        not cl.use_gpu or cl.gpus_per_worker > 0,
+        source,
+        "cluster.gpus_per_worker",
+        "must be > 0 when cluster.use_gpu=true",
+    )
     _choice(recipe.tracking.mode, schema.TRACKING_MODES, source, "tracking.mode")
-    _check(bool(recipe.name) and "/" not in recipe.name, source, "name", "must be a non-empty name without '/'")
+    _check(
+        bool(recipe.name) and "/" not in recipe.name, source, "name", "must be a non-empty name without '/'"
+    )
 
     conditioning = {"dit": "class", "pixart": "text", "unet": "text"}[family]
     if conditioning == "class":
         num_classes = recipe.model.num_classes or PRESETS[recipe.model.name]["num_embeds_ada_norm"]
-        _check(all(0 <= c < num_classes for c in smp.classes), source, "sample.classes",
-               f"must be class ids in [0, {num_classes}) for model {recipe.model.name}")
+        _check(
+            all(0 <= c < num_classes for c in smp.classes),
+            source,
+            "sample.classes",
+            f"must be class ids in [0, {num_classes}) for model {recipe.model.name}",
+        )
 
 
 def preflight(recipe: Recipe, source: str = "recipe") -> None:
     """Checks of the local paths a recipe names; run by `nuance train` before any worker starts
     (not by `recipe show`, so shipped recipes that name a user's paths still load)."""
     if recipe.vae != "none":
-        _check(Path(os.path.expanduser(recipe.vae)).is_dir(), source, "vae",
-               f"is '{recipe.vae}': expected 'none' or a local AutoencoderKL folder")
+        _check(
+            Path(os.path.expanduser(recipe.vae)).is_dir(),
+            source,
+            "vae",
+            f"is '{recipe.vae}': expected 'none' or a local AutoencoderKL folder",
+        )
     if recipe.model.pretrained:
-        _check(Path(os.path.expanduser(recipe.model.pretrained)).is_dir(), source, "model.pretrained",
-               f"is '{recipe.model.pretrained}': not a local folder")
+        _check(
+            Path(os.path.expanduser(recipe.model.pretrained)).is_dir(),
+            source,
+            "model.pretrained",
+            f"is '{recipe.model.pretrained}': not a local folder",
+        )
     if recipe.text_encoder.path != "minilm":
-        _check(Path(os.path.expanduser(recipe.text_encoder.path)).is_dir(), source, "text_encoder.path",
-               f"is '{recipe.text_encoder.path}': expected 'minilm' or a local CLIP/T5 folder")
+        _check(
+            Path(os.path.expanduser(recipe.text_encoder.path)).is_dir(),
+            source,
+            "text_encoder.path",
+            f"is '{recipe.text_encoder.path}': expected 'minilm' or a local CLIP/T5 folder",
+        )
     resume = recipe.train.resume
-    _check(resume in ("auto", "never") or Path(os.path.expanduser(resume)).is_dir(), source, "train.resume",
-           f"is '{resume}': expected auto, never or an existing checkpoint directory")
+    _check(
+        resume in ("auto", "never") or Path(os.path.expanduser(resume)).is_dir(),
+        source,
+        "train.resume",
+        f"is '{resume}': expected auto, never or an existing checkpoint directory",
+    )
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

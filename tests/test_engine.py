@@ -19,9 +19,14 @@ from trainers.engine import deepspeed_config, lr_multiplier
 
 
 def test_deepspeed_config_is_derived_from_the_recipe():
-    cfg = deepspeed_config(EngineConfig(zero_stage=3, precision="bf16", grad_accum=4, offload_optimizer=True,
-                                        offload_params=True), OptimConfig(grad_clip=0.5), micro_batch=8,
-                           world_size=16)
+    cfg = deepspeed_config(
+        EngineConfig(
+            zero_stage=3, precision="bf16", grad_accum=4, offload_optimizer=True, offload_params=True
+        ),
+        OptimConfig(grad_clip=0.5),
+        micro_batch=8,
+        world_size=16,
+    )
     assert cfg["train_batch_size"] == 8 * 4 * 16  # global = micro x accumulation x data-parallel world
     assert cfg["train_micro_batch_size_per_gpu"] == 8 and cfg["gradient_accumulation_steps"] == 4
     assert cfg["zero_optimization"]["stage"] == 3
@@ -55,8 +60,14 @@ def _make_engine(stage: int):
 
     torch.manual_seed(0)
     model = build_backbone(ModelConfig(name="dit_debug", num_classes=4), in_channels=3, sample_size=8)
-    return TrainEngine(model, EngineConfig(zero_stage=stage), OptimConfig(lr=1e-3, warmup_steps=2, decay="linear"),
-                       micro_batch=4, world_size=2, total_steps=10)
+    return TrainEngine(
+        model,
+        EngineConfig(zero_stage=stage),
+        OptimConfig(lr=1e-3, warmup_steps=2, decay="linear"),
+        micro_batch=4,
+        world_size=2,
+        total_steps=10,
+    )
 
 
 def _steps(engine, rank: int, steps: range) -> list[float]:
@@ -67,14 +78,23 @@ def _steps(engine, rank: int, steps: range) -> list[float]:
     for step in steps:
         x0, labels = _batch(rank, step)
         torch.manual_seed(1000 * rank + step)  # the objective's noise / timesteps
-        stats = engine.train_step([(x0, labels)], lambda m, b: objective.loss(m, b[0], {"class_labels": b[1]}))
+        stats = engine.train_step(
+            [(x0, labels)], lambda m, b: objective.loss(m, b[0], {"class_labels": b[1]})
+        )
         losses.append(stats.loss)
     return losses
 
 
 def _worker(rank: int, port: int, stage: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE="2",
+        DS_ACCELERATOR="cpu",
+    )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     engine = _make_engine(stage)
@@ -94,8 +114,9 @@ def _worker(rank: int, port: int, stage: int, out_dir: str) -> None:
 
 
 def run_two_ranks(tmp_path, stage: int) -> list[dict]:
-    mp.start_processes(_worker, args=(free_port(), stage, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(free_port(), stage, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 

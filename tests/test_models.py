@@ -20,15 +20,18 @@ def text_encoder():
 def cond_for(backbone, batch, text_encoder):
     if backbone.conditioning == "class":
         return Conditioner("class", num_classes=backbone.num_classes).from_labels(torch.arange(batch) % 3)
-    conditioner = Conditioner("text", text_encoder=text_encoder, image_size=16, uses_time_ids=backbone.uses_time_ids)
+    conditioner = Conditioner(
+        "text", text_encoder=text_encoder, image_size=16, uses_time_ids=backbone.uses_time_ids
+    )
     return conditioner.from_captions(["a red circle", "a blue square"][:batch])
 
 
 @pytest.mark.parametrize("name", ["dit_debug", "pixart_debug", "unet_debug", "unet_sdxl_debug"])
 def test_debug_presets_forward_and_backward(name, text_encoder):
     cond_dim = text_encoder.hidden_size if preset_conditioning(name) == "text" else None
-    backbone = build_backbone(ModelConfig(name=name, num_classes=12), in_channels=4, sample_size=16,
-                              cond_dim=cond_dim)
+    backbone = build_backbone(
+        ModelConfig(name=name, num_classes=12), in_channels=4, sample_size=16, cond_dim=cond_dim
+    )
     x = torch.randn(2, 4, 16, 16)
     out = backbone(x, torch.tensor([10.0, 500.0]), **cond_for(backbone, 2, text_encoder))
     assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -50,8 +53,18 @@ def test_condition_changes_the_output(text_encoder):
 
 def test_every_preset_has_a_known_family():
     assert {spec["family"] for spec in PRESETS.values()} == {"dit", "pixart", "unet"}
-    assert {"dit_debug", "dit_s2", "dit_b2", "dit_l2", "dit_xl2", "pixart_debug", "unet_debug", "unet_sd15",
-            "unet_sd2", "unet_sdxl"} <= set(PRESETS)
+    assert {
+        "dit_debug",
+        "dit_s2",
+        "dit_b2",
+        "dit_l2",
+        "dit_xl2",
+        "pixart_debug",
+        "unet_debug",
+        "unet_sd15",
+        "unet_sd2",
+        "unet_sdxl",
+    } <= set(PRESETS)
 
 
 def test_xl_preset_has_dit_xl2_size():
@@ -66,13 +79,17 @@ def test_xl_preset_has_dit_xl2_size():
 def test_pretrained_local_folder_round_trip(tmp_path):
     original = build_backbone(ModelConfig(name="dit_debug", num_classes=5), in_channels=3, sample_size=8)
     original.net.save_pretrained(tmp_path / "transformer")
-    loaded = build_backbone(ModelConfig(name="dit_debug", pretrained=str(tmp_path / "transformer")),
-                            in_channels=3, sample_size=8)
+    loaded = build_backbone(
+        ModelConfig(name="dit_debug", pretrained=str(tmp_path / "transformer")), in_channels=3, sample_size=8
+    )
     for (k, a), (_, b) in zip(original.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="input channels"):
-        build_backbone(ModelConfig(name="dit_debug", pretrained=str(tmp_path / "transformer")), in_channels=4,
-                       sample_size=8)
+        build_backbone(
+            ModelConfig(name="dit_debug", pretrained=str(tmp_path / "transformer")),
+            in_channels=4,
+            sample_size=8,
+        )
 
 
 def test_minilm_text_encoder_is_real_and_cached(text_encoder):
@@ -86,9 +103,14 @@ def test_minilm_text_encoder_is_real_and_cached(text_encoder):
 def test_vae_from_local_folder(tmp_path):
     from diffusers import AutoencoderKL
 
-    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                  sample_size=16).save_pretrained(tmp_path / "vae")
+    AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    ).save_pretrained(tmp_path / "vae")
     vae = build_autoencoder(str(tmp_path / "vae"))
     assert isinstance(vae, VAE) and vae.downsample == 2 and vae.latent_channels == 4
     latents = vae.encode(torch.rand(2, 3, 16, 16) * 2 - 1)

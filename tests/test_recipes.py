@@ -66,7 +66,9 @@ def test_override_errors_name_the_override():
 
 
 def test_overrides_apply():
-    recipe, _ = load_recipe("quickstart", ["engine.zero_stage=3", "train.max_steps=7", "optim.betas=[0.8,0.9]"])
+    recipe, _ = load_recipe(
+        "quickstart", ["engine.zero_stage=3", "train.max_steps=7", "optim.betas=[0.8,0.9]"]
+    )
     assert recipe.engine.zero_stage == 3 and recipe.train.max_steps == 7 and recipe.optim.betas == [0.8, 0.9]
 
 
@@ -101,14 +103,21 @@ def test_preflight_checks_local_paths(tmp_path):
 
 
 def test_cli_recipe_show_prints_resolved_recipe():
-    out = subprocess.run([sys.executable, "-m", "orchestration.cli", "recipe", "show", "quickstart",
-                          "train.max_steps=9"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "recipe", "show", "quickstart", "train.max_steps=9"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "max_steps: 9" in out and "name: quickstart" in out
 
 
 def test_cli_bad_recipe_exits_2_with_one_line():
-    proc = subprocess.run([sys.executable, "-m", "orchestration.cli", "recipe", "show", "quickstart",
-                           "model.nmae=x"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "recipe", "show", "quickstart", "model.nmae=x"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("nuance: error:") and "model.nmae" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

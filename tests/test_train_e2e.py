@@ -34,16 +34,35 @@ def redness(paths: list[Path]) -> float:
 def test_quickstart_cli_trains_samples_and_exports(tmp_path, toy_cache, nuance_cli):
     storage = tmp_path / "runs"
     train = subprocess.run(
-        [*nuance_cli, "train", "quickstart", f"cluster.storage_path={storage}", f"data.cache_dir={toy_cache}",
-         "name=qs", "train.max_steps=240", "train.ckpt_every=120", "train.log_every=20", "sample.steps=10"],
-        capture_output=True, text=True, timeout=900)
+        [
+            *nuance_cli,
+            "train",
+            "quickstart",
+            f"cluster.storage_path={storage}",
+            f"data.cache_dir={toy_cache}",
+            "name=qs",
+            "train.max_steps=240",
+            "train.ckpt_every=120",
+            "train.log_every=20",
+            "sample.steps=10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     run_dir = storage / "qs"
     checkpoints = sorted(run_dir.glob("step_*"))
     assert [c.name for c in checkpoints] == ["step_00000120", "step_00000240"]
     last = checkpoints[-1]
-    for part in ("meta.json", "recipe.yaml", "ema/rank00000.pt", "rng/rank00001.pt", "data/rank00001.json",
-                 "deepspeed/state/mp_rank_00_model_states.pt"):
+    for part in (
+        "meta.json",
+        "recipe.yaml",
+        "ema/rank00000.pt",
+        "rng/rank00001.pt",
+        "data/rank00001.json",
+        "deepspeed/state/mp_rank_00_model_states.pt",
+    ):
         assert (last / part).exists(), part
     assert json.loads((last / "meta.json").read_text())["world_size"] == 2
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), "no W&B offline run"
@@ -55,9 +74,31 @@ def test_quickstart_cli_trains_samples_and_exports(tmp_path, toy_cache, nuance_c
     # Conditioning works: samples for "red" captions are redder than for "blue" ones.
     out = tmp_path / "samples"
     sample = subprocess.run(
-        [*nuance_cli, "sample", str(last), "--prompt", "a red circle", "--prompt", "a red square",
-         "--prompt", "a blue circle", "--prompt", "a blue square", "--num", "6", "--steps", "20", "--cfg", "3",
-         "--out", str(out)], capture_output=True, text=True, timeout=300)
+        [
+            *nuance_cli,
+            "sample",
+            str(last),
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "a red square",
+            "--prompt",
+            "a blue circle",
+            "--prompt",
+            "a blue square",
+            "--num",
+            "6",
+            "--steps",
+            "20",
+            "--cfg",
+            "3",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert sample.returncode == 0, sample.stderr[-3000:]
     red, blue = sorted(out.glob("a_red_*.png")), sorted(out.glob("a_blue_*.png"))
     assert len(red) == 12 and len(blue) == 12
@@ -65,8 +106,9 @@ def test_quickstart_cli_trains_samples_and_exports(tmp_path, toy_cache, nuance_c
 
     # Export: stock diffusers loads the folder and computes what nuance's checkpoint computes.
     export_dir = tmp_path / "export"
-    proc = subprocess.run([*nuance_cli, "export", str(last), str(export_dir)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [*nuance_cli, "export", str(last), str(export_dir)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from diffusers import FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel
 
@@ -79,9 +121,13 @@ def test_quickstart_cli_trains_samples_and_exports(tmp_path, toy_cache, nuance_c
     cond = comps.conditioner.from_captions(["a red circle", "a blue square"])
     with torch.no_grad():
         ours = comps.backbone(x, t, **cond)
-        theirs = stock(x, encoder_hidden_states=cond["encoder_hidden_states"], timestep=t,
-                       encoder_attention_mask=cond["encoder_attention_mask"],
-                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        theirs = stock(
+            x,
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            timestep=t,
+            encoder_attention_mask=cond["encoder_attention_mask"],
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
     torch.testing.assert_close(ours, theirs)
 
 
@@ -89,16 +135,28 @@ def test_quickstart_cli_trains_samples_and_exports(tmp_path, toy_cache, nuance_c
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(num_cpus=4)  # with the dashboard: Ray Train queries the state API
     yield
     ray.shutdown()
 
 
 def small_recipe(tmp_path, toy_cache, name: str, *overrides: str):
-    recipe, _ = load_recipe("quickstart", [
-        f"name={name}", f"cluster.storage_path={tmp_path}", f"data.cache_dir={toy_cache}", "train.log_every=1",
-        "sample.steps=2", "sample.num_per_condition=1", "model.name=dit_debug", "model.num_classes=12",
-        "sample.classes=[0,9]", "data.batch_size=8", *overrides])
+    recipe, _ = load_recipe(
+        "quickstart",
+        [
+            f"name={name}",
+            f"cluster.storage_path={tmp_path}",
+            f"data.cache_dir={toy_cache}",
+            "train.log_every=1",
+            "sample.steps=2",
+            "sample.num_per_condition=1",
+            "model.name=dit_debug",
+            "model.num_classes=12",
+            "sample.classes=[0,9]",
+            "data.batch_size=8",
+            *overrides,
+        ],
+    )
     return recipe
 
 
@@ -125,13 +183,28 @@ def test_zero3_latent_unet_checkpoint_exports_to_diffusers(tmp_path, toy_cache, 
     from orchestration.launch import train
     from trainers.inference import export_diffusers, load_checkpoint_model
 
-    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                  sample_size=32).save_pretrained(tmp_path / "vae")
-    recipe = small_recipe(tmp_path, toy_cache, "zero3", "model.name=unet_debug", "model.num_classes=null",
-                          f"vae={tmp_path / 'vae'}", "engine.zero_stage=3", "objective.kind=v",
-                          "objective.zero_terminal_snr=true", "train.max_steps=3", "train.ckpt_every=3",
-                          "sample.sampler=ddim")
+    AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    ).save_pretrained(tmp_path / "vae")
+    recipe = small_recipe(
+        tmp_path,
+        toy_cache,
+        "zero3",
+        "model.name=unet_debug",
+        "model.num_classes=null",
+        f"vae={tmp_path / 'vae'}",
+        "engine.zero_stage=3",
+        "objective.kind=v",
+        "objective.zero_terminal_snr=true",
+        "train.max_steps=3",
+        "train.ckpt_every=3",
+        "sample.sampler=ddim",
+    )
     result = train(recipe)
     assert result.error is None
     ckpt = tmp_path / "zero3" / "step_00000003"

@@ -46,8 +46,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(directory: str | Path, *, engine, ema: EMA | None, data_state: dict, meta: dict, recipe_yaml: str,
-         rank: int) -> None:
+def save(
+    directory: str | Path,
+    *,
+    engine,
+    ema: EMA | None,
+    data_state: dict,
+    meta: dict,
+    recipe_yaml: str,
+    rank: int,
+) -> None:
     """Write this rank's part of a checkpoint into `directory`."""
     directory = Path(directory)
     engine.save(str(directory / "deepspeed"))
@@ -75,8 +83,10 @@ def load(directory: str | Path, *, engine, ema: EMA | None, rank: int, world_siz
     directory = Path(directory)
     meta = read_meta(directory)
     if meta["world_size"] != world_size:
-        raise ValueError(f"checkpoint {directory} was written by {meta['world_size']} workers; this run has "
-                         f"{world_size}: set cluster.num_workers={meta['world_size']} to resume it")
+        raise ValueError(
+            f"checkpoint {directory} was written by {meta['world_size']} workers; this run has "
+            f"{world_size}: set cluster.num_workers={meta['world_size']} to resume it"
+        )
     engine.load(str(directory / "deepspeed"))
     if ema is not None:
         ema_rank = rank if ema.partitioned else 0
@@ -101,8 +111,9 @@ def model_state_dict(directory: str | Path, use_ema: bool = True) -> dict[str, t
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")
     else:
-        state = torch.load(ds_dir / "state" / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=False)["module"]
+        state = torch.load(
+            ds_dir / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )["module"]
     state = {k: v.float() for k, v in state.items()}
     ema_files = sorted((directory / "ema").glob("rank*.pt"))
     if use_ema and ema_files:

@@ -31,9 +31,15 @@ class Components:
 
 def objective_from_config(cfg: ObjectiveConfig):
     return build_objective(
-        cfg.kind, schedule=cfg.schedule, num_timesteps=cfg.num_timesteps, beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end, zero_terminal_snr=cfg.zero_terminal_snr, logit_mean=cfg.logit_mean,
-        logit_std=cfg.logit_std)
+        cfg.kind,
+        schedule=cfg.schedule,
+        num_timesteps=cfg.num_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        zero_terminal_snr=cfg.zero_terminal_snr,
+        logit_mean=cfg.logit_mean,
+        logit_std=cfg.logit_std,
+    )
 
 
 def build_components(recipe: Recipe, device: torch.device | str = "cpu") -> Components:
@@ -43,14 +49,26 @@ def build_components(recipe: Recipe, device: torch.device | str = "cpu") -> Comp
         text_encoder = TextEncoder(recipe.text_encoder, device)
     image_size = recipe.data.image_size
     if image_size % autoencoder.downsample:
-        raise ValueError(f"data.image_size={image_size} is not divisible by the VAE's downsampling "
-                         f"factor {autoencoder.downsample}")
+        raise ValueError(
+            f"data.image_size={image_size} is not divisible by the VAE's downsampling "
+            f"factor {autoencoder.downsample}"
+        )
     backbone = build_backbone(
-        recipe.model, in_channels=autoencoder.latent_channels, sample_size=image_size // autoencoder.downsample,
-        cond_dim=text_encoder.hidden_size if text_encoder else None)
-    conditioner = Conditioner(backbone.conditioning, text_encoder=text_encoder, num_classes=backbone.num_classes,
-                              image_size=image_size, uses_time_ids=backbone.uses_time_ids)
-    return Components(autoencoder, text_encoder, conditioner, backbone, objective_from_config(recipe.objective))
+        recipe.model,
+        in_channels=autoencoder.latent_channels,
+        sample_size=image_size // autoencoder.downsample,
+        cond_dim=text_encoder.hidden_size if text_encoder else None,
+    )
+    conditioner = Conditioner(
+        backbone.conditioning,
+        text_encoder=text_encoder,
+        num_classes=backbone.num_classes,
+        image_size=image_size,
+        uses_time_ids=backbone.uses_time_ids,
+    )
+    return Components(
+        autoencoder, text_encoder, conditioner, backbone, objective_from_config(recipe.objective)
+    )
 
 
 __all__ = ["Components", "PixelSpace", "build_components", "objective_from_config"]

@@ -14,8 +14,15 @@ from trainers.models.encoders import TextEncoder
 
 
 class Conditioner:
-    def __init__(self, conditioning: str, *, text_encoder: TextEncoder | None = None,
-                 num_classes: int | None = None, image_size: int = 0, uses_time_ids: bool = False):
+    def __init__(
+        self,
+        conditioning: str,
+        *,
+        text_encoder: TextEncoder | None = None,
+        num_classes: int | None = None,
+        image_size: int = 0,
+        uses_time_ids: bool = False,
+    ):
         if conditioning == "text" and text_encoder is None:
             raise ValueError("text conditioning needs a text encoder")
         if conditioning == "class" and not num_classes:

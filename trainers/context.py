@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,11 @@ class RunContext:
     """report(metrics, checkpoint_dir or None): every rank calls it at the same points."""
 
     def log(self, message: str) -> None:
+        """A progress line on rank 0. Written to the real stdout: Ray Train's print patch would log it
+        a second time whenever W&B has wrapped sys.stdout."""
         if self.rank == 0:
-            print(f"[nuance] {message}", flush=True)
+            sys.__stdout__.write(f"[nuance] {message}\n")
+            sys.__stdout__.flush()
 
 
 def seed_everything(seed: int, rank: int) -> None:

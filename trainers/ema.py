@@ -44,8 +44,10 @@ class EMA:
                 _local(p).copy_(backup[name])
 
     def state_dict(self) -> dict:
-        meta = {name: (tuple(getattr(p, "ds_shape", p.shape)), getattr(p, "ds_numel", p.numel()))
-                for name, p in self.params.items()}
+        meta = {
+            name: (tuple(getattr(p, "ds_shape", p.shape)), getattr(p, "ds_numel", p.numel()))
+            for name, p in self.params.items()
+        }
         return {"decay": self.decay, "partitioned": self.partitioned, "shadow": self.shadow, "meta": meta}
 
     def load_state_dict(self, state: dict) -> None:

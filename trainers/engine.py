@@ -78,21 +78,40 @@ class StepStats:
 class TrainEngine:
     """A DeepSpeed data-parallel (ZeRO 0-3) engine around one module."""
 
-    def __init__(self, model: nn.Module, engine: EngineConfig, optim: OptimConfig, *, micro_batch: int,
-                 world_size: int, total_steps: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        engine: EngineConfig,
+        optim: OptimConfig,
+        *,
+        micro_batch: int,
+        world_size: int,
+        total_steps: int,
+    ):
         ensure_deepspeed_accelerator()
         import deepspeed
 
         params = [p for p in model.parameters() if p.requires_grad]
         fused = torch.cuda.is_available() and not engine.offload_optimizer
-        optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                      weight_decay=optim.weight_decay, fused=fused or None)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            fused=fused or None,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, optim, total_steps))
+            optimizer, lambda step: lr_multiplier(step, optim, total_steps)
+        )
         self.config = deepspeed_config(engine, optim, micro_batch=micro_batch, world_size=world_size)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config,
-            dist_init_required=False)
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.config,
+            dist_init_required=False,
+        )
         if engine.compile:
             self.ds.compile()
         self.grad_accum = engine.grad_accum
@@ -106,7 +125,9 @@ class TrainEngine:
     def device(self) -> torch.device:
         return self.ds.device
 
-    def train_step(self, micro_batches: Iterable, loss_fn: Callable[[nn.Module, object], torch.Tensor]) -> StepStats:
+    def train_step(
+        self, micro_batches: Iterable, loss_fn: Callable[[nn.Module, object], torch.Tensor]
+    ) -> StepStats:
         """One optimizer step over `grad_accum` micro batches; `loss_fn(engine, micro_batch) -> loss`."""
         losses = []
         for micro_batch in micro_batches:
@@ -117,8 +138,9 @@ class TrainEngine:
         assert len(losses) == self.grad_accum, "one train_step consumes exactly grad_accum micro batches"
         grad_norm = self.ds.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        return StepStats(loss=float(torch.stack(losses).mean()), grad_norm=grad_norm,
-                         lr=self.scheduler.get_last_lr()[0])
+        return StepStats(
+            loss=float(torch.stack(losses).mean()), grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0]
+        )
 
     def save(self, directory: str, client_state: dict | None = None) -> None:
         """Every rank calls this: model / optimizer / scheduler shards as DeepSpeed writes them."""

@@ -49,8 +49,15 @@ def train_func(config: dict) -> None:
         resume_from = restored.to_directory(local_copy)
     elif recipe.train.resume not in ("auto", "never"):
         resume_from = recipe.train.resume
-    ctx = RunContext(rank=rank, world_size=world_size, device=device, run_dir=Path(config["run"]["run_dir"]),
-                     run_id=config["run"]["run_id"], resume_from=resume_from, report=report)
+    ctx = RunContext(
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        run_dir=Path(config["run"]["run_dir"]),
+        run_id=config["run"]["run_id"],
+        resume_from=resume_from,
+        report=report,
+    )
     try:
         _loops()[recipe.kind](recipe, ctx)
     finally:

@@ -19,12 +19,14 @@ PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 BETA_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
-def load_checkpoint_model(ckpt_dir: str | Path, use_ema: bool = True,
-                          device: torch.device | str = "cpu") -> tuple[Recipe, Components]:
+def load_checkpoint_model(
+    ckpt_dir: str | Path, use_ema: bool = True, device: torch.device | str = "cpu"
+) -> tuple[Recipe, Components]:
     ckpt_dir = Path(ckpt_dir)
     checkpoint.read_meta(ckpt_dir)
-    recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe),
-                                                 OmegaConf.load(ckpt_dir / "recipe.yaml")))
+    recipe = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.load(ckpt_dir / "recipe.yaml"))
+    )
     recipe.model.pretrained = None  # the checkpoint holds every weight; build the architecture only
     comps = build_components(recipe, device)
     comps.backbone.load_state_dict(checkpoint.model_state_dict(ckpt_dir, use_ema=use_ema))
@@ -32,9 +34,19 @@ def load_checkpoint_model(ckpt_dir: str | Path, use_ema: bool = True,
     return recipe, comps
 
 
-def sample_from_checkpoint(ckpt_dir: str | Path, *, prompts: list[str], classes: list[int], steps: int, cfg: float,
-                           sampler: str = "default", num_per_condition: int = 4, seed: int = 0,
-                           out: str | Path = "samples", use_ema: bool = True) -> list[Path]:
+def sample_from_checkpoint(
+    ckpt_dir: str | Path,
+    *,
+    prompts: list[str],
+    classes: list[int],
+    steps: int,
+    cfg: float,
+    sampler: str = "default",
+    num_per_condition: int = 4,
+    seed: int = 0,
+    out: str | Path = "samples",
+    use_ema: bool = True,
+) -> list[Path]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     recipe, comps = load_checkpoint_model(ckpt_dir, use_ema, device)
     if comps.conditioner.conditioning == "text" and not prompts:
@@ -42,13 +54,24 @@ def sample_from_checkpoint(ckpt_dir: str | Path, *, prompts: list[str], classes:
     if comps.conditioner.conditioning == "class" and not classes:
         classes = list(recipe.sample.classes)
     images, titles = generate(
-        comps.backbone, comps.objective, comps.conditioner, comps.autoencoder, prompts=prompts, classes=classes,
-        num_per_condition=num_per_condition, latent_shape=comps.latent_shape, steps=steps, cfg=cfg,
-        sampler=sampler, seed=seed, device=device)
+        comps.backbone,
+        comps.objective,
+        comps.conditioner,
+        comps.autoencoder,
+        prompts=prompts,
+        classes=classes,
+        num_per_condition=num_per_condition,
+        latent_shape=comps.latent_shape,
+        steps=steps,
+        cfg=cfg,
+        sampler=sampler,
+        seed=seed,
+        device=device,
+    )
     paths = []
     for i, title in enumerate(dict.fromkeys(titles)):
         stem = title.replace(" ", "_").replace("/", "_")[:60]
-        chunk = images[i * num_per_condition:(i + 1) * num_per_condition]
+        chunk = images[i * num_per_condition : (i + 1) * num_per_condition]
         paths += save_images(chunk, out, stem)
     return paths
 
@@ -60,10 +83,17 @@ def diffusers_scheduler(recipe: Recipe):
     obj = recipe.objective
     if obj.kind == "flow":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    return DDIMScheduler(num_train_timesteps=obj.num_timesteps, beta_start=obj.beta_start, beta_end=obj.beta_end,
-                         beta_schedule=BETA_SCHEDULE[obj.schedule], prediction_type=PREDICTION_TYPE[obj.kind],
-                         rescale_betas_zero_snr=obj.zero_terminal_snr, timestep_spacing="trailing",
-                         clip_sample=False, set_alpha_to_one=False)
+    return DDIMScheduler(
+        num_train_timesteps=obj.num_timesteps,
+        beta_start=obj.beta_start,
+        beta_end=obj.beta_end,
+        beta_schedule=BETA_SCHEDULE[obj.schedule],
+        prediction_type=PREDICTION_TYPE[obj.kind],
+        rescale_betas_zero_snr=obj.zero_terminal_snr,
+        timestep_spacing="trailing",
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
 
 
 def export_diffusers(ckpt_dir: str | Path, out: str | Path, use_ema: bool = True) -> Path:
@@ -79,7 +109,9 @@ def export_diffusers(ckpt_dir: str | Path, out: str | Path, use_ema: bool = True
     if family == "dit" and recipe.vae != "none":
         from diffusers import DiTPipeline
 
-        DiTPipeline(transformer=comps.backbone.net, vae=comps.autoencoder.vae, scheduler=scheduler).save_pretrained(out)
+        DiTPipeline(
+            transformer=comps.backbone.net, vae=comps.autoencoder.vae, scheduler=scheduler
+        ).save_pretrained(out)
     else:
         comps.backbone.net.save_pretrained(out / SUBFOLDER[family])
         scheduler.save_pretrained(out / "scheduler")
@@ -89,7 +121,16 @@ def export_diffusers(ckpt_dir: str | Path, out: str | Path, use_ema: bool = True
         comps.text_encoder.model.save_pretrained(out / "text_encoder")
         comps.text_encoder.tokenizer.save_pretrained(out / "tokenizer")
     shutil.copy(Path(ckpt_dir) / "recipe.yaml", out / "nuance_recipe.yaml")
-    (out / "nuance_export.json").write_text(json.dumps(
-        {"checkpoint": str(Path(ckpt_dir).resolve()), "ema": use_ema, "backbone": SUBFOLDER[family],
-         "pixel_space": recipe.vae == "none", "objective": recipe.objective.kind}, indent=1))
+    (out / "nuance_export.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(Path(ckpt_dir).resolve()),
+                "ema": use_ema,
+                "backbone": SUBFOLDER[family],
+                "pixel_space": recipe.vae == "none",
+                "objective": recipe.objective.kind,
+            },
+            indent=1,
+        )
+    )
     return out

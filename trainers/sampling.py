@@ -52,7 +52,7 @@ def save_grid(images: torch.Tensor, path: str | Path, ncol: int) -> Path:
     grid = torch.zeros(3, nrow * h, ncol * w)
     for i in range(n):
         r, c = divmod(i, ncol)
-        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = images[i]
+        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = images[i]
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

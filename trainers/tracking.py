@@ -41,8 +41,16 @@ def resolve_mode(mode: str) -> str:
 class Tracker:
     """W&B run + metrics.jsonl in the run directory. A disabled tracker (non-zero ranks) does nothing."""
 
-    def __init__(self, cfg: TrackingConfig, *, run_name: str, run_id: str, run_dir: str | Path, config: dict,
-                 enabled: bool = True):
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        *,
+        run_name: str,
+        run_id: str,
+        run_dir: str | Path,
+        config: dict,
+        enabled: bool = True,
+    ):
         self.enabled = enabled
         self.run = None
         self.run_dir = Path(run_dir)
@@ -56,8 +64,16 @@ class Tracker:
         import wandb
 
         self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, group=cfg.group, name=run_name, id=run_id, tags=cfg.tags,
-            resume="allow", mode=mode, dir=str(self.run_dir), config=redact(config),
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            name=run_name,
+            id=run_id,
+            tags=cfg.tags,
+            resume="allow",
+            mode=mode,
+            dir=str(self.run_dir),
+            config=redact(config),
             settings=wandb.Settings(silent=True, x_disable_stats=False),
         )
 

@@ -71,15 +71,19 @@ class Backbone(nn.Module):
             if self.uses_time_ids:
                 added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
             out = self.net(
-                x, t, encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=encoder_attention_mask, added_cond_kwargs=added,
+                x,
+                t,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                added_cond_kwargs=added,
             ).sample
         # Checkpoints trained with learned variance (DiT, PixArt) predict 2C channels: keep the mean.
         return out[:, : x.shape[1]].float()
 
 
-def _preset_kwargs(name: str, in_channels: int, sample_size: int, cond_dim: int | None,
-                   num_classes: int | None) -> tuple[str, dict]:
+def _preset_kwargs(
+    name: str, in_channels: int, sample_size: int, cond_dim: int | None, num_classes: int | None
+) -> tuple[str, dict]:
     kwargs = dict(PRESETS[name])
     family = kwargs.pop("family")
     kwargs.update(in_channels=in_channels, out_channels=in_channels, sample_size=sample_size)
@@ -95,8 +99,14 @@ def _preset_kwargs(name: str, in_channels: int, sample_size: int, cond_dim: int 
     return family, kwargs
 
 
-def build_backbone(cfg: ModelConfig, *, in_channels: int, sample_size: int, cond_dim: int | None = None,
-                   torch_dtype: torch.dtype | None = None) -> Backbone:
+def build_backbone(
+    cfg: ModelConfig,
+    *,
+    in_channels: int,
+    sample_size: int,
+    cond_dim: int | None = None,
+    torch_dtype: torch.dtype | None = None,
+) -> Backbone:
     """A backbone from a preset (random init) or from `cfg.pretrained` (a local diffusers folder)."""
     family = PRESETS[cfg.name]["family"]
     if cfg.pretrained:
@@ -116,13 +126,18 @@ def build_backbone(cfg: ModelConfig, *, in_channels: int, sample_size: int, cond
     return Backbone(net, family)
 
 
-def _check_pretrained(net: nn.Module, family: str, cfg: ModelConfig, in_channels: int,
-                      cond_dim: int | None) -> None:
+def _check_pretrained(
+    net: nn.Module, family: str, cfg: ModelConfig, in_channels: int, cond_dim: int | None
+) -> None:
     conf = net.config
     if conf.in_channels != in_channels:
-        raise ValueError(f"model.pretrained={cfg.pretrained} takes {conf.in_channels} input channels but "
-                         f"the data gives {in_channels} (check 'vae')")
+        raise ValueError(
+            f"model.pretrained={cfg.pretrained} takes {conf.in_channels} input channels but "
+            f"the data gives {in_channels} (check 'vae')"
+        )
     want = conf.get("caption_channels") if family == "pixart" else conf.get("cross_attention_dim")
     if family != "dit" and cond_dim is not None and want != cond_dim:
-        raise ValueError(f"model.pretrained={cfg.pretrained} expects text embeddings of width {want} but "
-                         f"text_encoder.path={cfg.name} gives {cond_dim}: use the encoder it was trained with")
+        raise ValueError(
+            f"model.pretrained={cfg.pretrained} expects text embeddings of width {want} but "
+            f"text_encoder.path={cfg.name} gives {cond_dim}: use the encoder it was trained with"
+        )

@@ -37,7 +37,9 @@ class TextEncoder(nn.Module):
         if not os.path.isdir(path):
             raise ValueError(f"text_encoder.path: '{cfg.path}' is not a local folder")
         model_type = AutoConfig.from_pretrained(path).model_type
-        cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "clip_text_model": CLIPTextModel}.get(model_type, AutoModel)
+        cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "clip_text_model": CLIPTextModel}.get(
+            model_type, AutoModel
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = cls.from_pretrained(path).to(device).eval().requires_grad_(False)
         self.max_length = cfg.max_length
@@ -47,13 +49,20 @@ class TextEncoder(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.d_model
+        return (
+            self.model.config.hidden_size
+            if hasattr(self.model.config, "hidden_size")
+            else self.model.config.d_model
+        )
 
     @torch.no_grad()
     def _encode_uncached(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(self.device)
-        hidden = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        tokens = self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+        ).last_hidden_state
         mask = tokens.attention_mask
         pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return hidden.float(), mask, pooled.float()
@@ -93,7 +102,9 @@ class VAE(nn.Module):
         super().__init__()
         from diffusers import AutoencoderKL
 
-        self.vae = AutoencoderKL.from_pretrained(os.path.expanduser(path)).to(device).eval().requires_grad_(False)
+        self.vae = (
+            AutoencoderKL.from_pretrained(os.path.expanduser(path)).to(device).eval().requires_grad_(False)
+        )
         conf = self.vae.config
         self.scaling_factor = conf.scaling_factor
         self.shift_factor = conf.get("shift_factor") or 0.0
