@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--no-ema", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    from orchestration.commands import command_modules
+
+    for module in command_modules():
+        module.add_parser(sub)
     return parser
 
 
