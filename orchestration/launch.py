@@ -51,6 +51,9 @@ def init_ray(recipe: Recipe) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        ray.init()  # inside a Ray job (nuance submit): the job's runtime env already has everything
+        return
     runtime_env = {"env_vars": worker_env(recipe)}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

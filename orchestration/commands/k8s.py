@@ -1,0 +1,81 @@
+"""`nuance k8s render RECIPE [key=value ...] [--image IMG] [--workers N] [--gpus-per-worker G]
+[--namespace NS]`: print a ConfigMap + KubeRay RayJob that run the recipe (`kubectl apply -f -`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _note(message: str) -> None:
+    """Notes go to stderr so that stdout stays a clean manifest stream."""
+    print(f"[nuance] k8s: {message}", file=sys.stderr)
+
+
+def cmd_render(ns: argparse.Namespace) -> int:
+    from orchestration.cli import _split_recipe_args
+    from orchestration.k8s import plan_cluster, render_rayjob, to_yaml
+    from orchestration.recipe import load_recipe, recipe_to_yaml
+
+    name, overrides = _split_recipe_args(ns.args)
+    recipe, path = load_recipe(name, overrides)
+    workers, gpus, sizing = plan_cluster(recipe, ns.workers, ns.gpus_per_worker)
+    if sizing:
+        before = recipe.cluster.num_workers
+        recipe, path = load_recipe(name, sizing + overrides)
+        if recipe.cluster.num_workers != before:
+            _note(f"cluster.num_workers {before} -> {recipe.cluster.num_workers} ({workers} pods x {gpus} GPUs)")
+    storage = recipe.cluster.storage_path
+    if not storage.startswith("/"):
+        _note(f"cluster.storage_path '{storage}' is inside the head pod; use a shared volume's absolute path")
+    source = f"{path}" + (f" + {' '.join(sizing + overrides)}" if sizing or overrides else "")
+    recipe_yaml = f"# rendered by nuance k8s render from {source}\n" + recipe_to_yaml(recipe)
+    docs = render_rayjob(
+        recipe,
+        recipe_yaml,
+        image=ns.image,
+        workers=workers,
+        gpus_per_worker=gpus,
+        namespace=ns.namespace,
+        name=ns.name,
+    )
+    sys.stdout.write(to_yaml(docs))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("k8s", help="Kubernetes (KubeRay) manifests for a recipe")
+    ksub = p.add_subparsers(dest="k8s_command", required=True)
+    r = ksub.add_parser(
+        "render",
+        help="print a ConfigMap (the recipe) + a RayJob that runs it; pipe to `kubectl apply -f -`",
+    )
+    r.add_argument("args", nargs="*", metavar="[RECIPE] [key=value]")
+    r.add_argument("--image", default="nuance:latest", help="container image with nuance installed")
+    r.add_argument(
+        "--workers", type=_count(1), default=None, help="worker pods (default: from the recipe's cluster)"
+    )
+    r.add_argument(
+        "--gpus-per-worker",
+        type=_count(0),
+        default=None,
+        help="GPUs per worker pod; > 0 trains with one Ray Train worker per GPU, 0 on CPUs (default: recipe)",
+    )
+    r.add_argument("--namespace", default=None, help="metadata.namespace of the manifests")
+    r.add_argument("--name", default=None, help="RayJob name (default: the recipe's name, made DNS-safe)")
+    r.set_defaults(func=cmd_render)

@@ -1,0 +1,128 @@
+"""Submit recipes to a running Ray cluster through Ray's Jobs API, and manage the jobs.
+
+The job ships the resolved recipe (never the user's secrets: those travel as environment variables
+taken from the submitter's environment) and nuance's own packages, so the cluster runs exactly the
+code version that was submitted. The cluster must have nuance's dependencies installed (the image
+of `k8s/` does); `--pip` adds packages to the job's runtime environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from orchestration.recipe import recipe_to_yaml
+from orchestration.schema import Recipe
+
+# Forwarded from the submitter's environment when set: credentials and service endpoints.
+FORWARDED_ENV = (
+    "WANDB_API_KEY",
+    "WANDB_BASE_URL",
+    "WANDB_MODE",
+    "WANDB_ENTITY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "HF_HUB_OFFLINE",
+)
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class JobsError(RuntimeError):
+    """A cluster or job problem, reported to the user as one line."""
+
+
+def client(address: str | None):
+    """A JobSubmissionClient for `address` (or RAY_ADDRESS / the dashboard at 127.0.0.1:8265)."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = (
+        address
+        or os.environ.get("RAY_JOBS_ADDRESS")
+        or os.environ.get("RAY_ADDRESS")
+        or "http://127.0.0.1:8265"
+    )
+    try:
+        return JobSubmissionClient(address)
+    except Exception as err:  # ConnectionError, ValueError(bad scheme), ... from Ray
+        raise JobsError(f"cannot reach the Ray cluster at {address}: {str(err).splitlines()[0]}") from err
+
+
+def runtime_env(recipe: Recipe, recipe_dir: str, pip: list[str]) -> dict:
+    """Job runtime env: the recipe folder as working dir, nuance's packages, forwarded env vars."""
+    import data
+    import orchestration
+    import trainers
+    from orchestration.launch import worker_env
+
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env_vars.update(worker_env(recipe))
+    env = {"working_dir": recipe_dir, "py_modules": [orchestration, trainers, data], "env_vars": env_vars}
+    if pip:
+        env["pip"] = list(pip)
+    return env
+
+
+def submit(recipe: Recipe, *, address: str | None, pip: list[str] = (), job_id: str | None = None) -> str:
+    """Submit the resolved recipe as a Ray job; returns the job id."""
+    jobs = client(address)
+    with tempfile.TemporaryDirectory(prefix="nuance-submit-") as tmp:
+        Path(tmp, "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        try:
+            return jobs.submit_job(
+                entrypoint="python -m orchestration.cli train recipe.yaml",
+                runtime_env=runtime_env(recipe, tmp, list(pip)),
+                submission_id=job_id,
+                metadata={"nuance_recipe": recipe.name},
+            )
+        except Exception as err:
+            raise JobsError(f"submission to {jobs.get_address()} failed: {str(err).splitlines()[0]}") from err
+
+
+def _call(jobs, method: str, job_id: str | None = None):
+    try:
+        return getattr(jobs, method)(job_id) if job_id is not None else getattr(jobs, method)()
+    except Exception as err:
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if job_id is not None and ("does not exist" in text or "404" in text or "not found" in text.lower()):
+            raise JobsError(f"no job '{job_id}' on {jobs.get_address()}") from err
+        raise JobsError(f"{method} failed on {jobs.get_address()}: {text}") from err
+
+
+def list_jobs(address: str | None) -> list:
+    return _call(client(address), "list_jobs")
+
+
+def status(address: str | None, job_id: str) -> str:
+    return str(_call(client(address), "get_job_status", job_id))
+
+
+def stop(address: str | None, job_id: str) -> bool:
+    return bool(_call(client(address), "stop_job", job_id))
+
+
+def logs(address: str | None, job_id: str) -> str:
+    return _call(client(address), "get_job_logs", job_id)
+
+
+def follow(address: str | None, job_id: str, poll_s: float = 1.0) -> Iterator[str]:
+    """Yield new log text until the job ends (polling: works through any HTTP proxy)."""
+    jobs = client(address)
+    seen = 0
+    while True:
+        state = str(_call(jobs, "get_job_status", job_id))
+        text = _call(jobs, "get_job_logs", job_id)
+        if len(text) > seen:
+            yield text[seen:]
+            seen = len(text)
+        if state.split(".")[-1] in TERMINAL:
+            return
+        time.sleep(poll_s)
