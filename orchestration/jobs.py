@@ -65,7 +65,8 @@ def runtime_env(recipe: Recipe, recipe_dir: str, pip: list[str]) -> dict:
 
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     env_vars.update(worker_env(recipe))
-    env = {"working_dir": recipe_dir, "py_modules": [orchestration, trainers, data], "env_vars": env_vars}
+    packages = [str(Path(m.__file__).parent) for m in (orchestration, trainers, data)]
+    env = {"working_dir": recipe_dir, "py_modules": packages, "env_vars": env_vars}
     if pip:
         env["pip"] = list(pip)
     return env

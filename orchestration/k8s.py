@@ -51,7 +51,10 @@ GPU_MEMORY_GI = 64
 """Host memory per GPU (data loading, pinned buffers, DeepSpeed CPU offload)."""
 GPU_SHM_GI = 16
 """/dev/shm per GPU (NCCL shared-memory transport, DataLoader worker tensors)."""
-SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
+SUBMITTER_RESOURCES = {
+    "requests": {"cpu": "500m", "memory": "512Mi"},
+    "limits": {"cpu": "1", "memory": "1Gi"},
+}
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -103,7 +106,11 @@ def plan_cluster(
     if gpus_per_worker == 0:
         return workers or cl.num_workers, 0, ["cluster.use_gpu=false"]
     pods = workers or max(1, math.ceil((gpu_demand(recipe) or cl.num_workers) / gpus_per_worker))
-    overrides = ["cluster.use_gpu=true", "cluster.gpus_per_worker=1", f"cluster.num_workers={pods * gpus_per_worker}"]
+    overrides = [
+        "cluster.use_gpu=true",
+        "cluster.gpus_per_worker=1",
+        f"cluster.num_workers={pods * gpus_per_worker}",
+    ]
     return pods, gpus_per_worker, overrides
 
 

@@ -39,9 +39,8 @@ def worker_env(recipe: Recipe) -> dict[str, str]:
     }
     if not recipe.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "HF_HUB_OFFLINE"):
-        if key in os.environ:
-            env[key] = os.environ[key]
+    forwarded = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "HF_HUB_OFFLINE")
+    env.update({k: v for k, v in os.environ.items() if k in forwarded or k.startswith(("NUANCE_", "AWS_"))})
     return env
 
 
@@ -95,7 +94,10 @@ def train(recipe: Recipe):
             "run": {"run_id": run_id, "run_dir": str(run_dir)},
         },
         scaling_config=ScalingConfig(
-            num_workers=cluster.num_workers, use_gpu=cluster.use_gpu, resources_per_worker=resources
+            num_workers=cluster.num_workers,
+            use_gpu=cluster.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cluster.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -103,6 +105,7 @@ def train(recipe: Recipe):
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env(recipe)},
         ),
     )
     return trainer.fit()

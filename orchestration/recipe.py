@@ -213,6 +213,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         "cluster.gpus_per_worker",
         "must be > 0 when cluster.use_gpu=true",
     )
+    _choice(cl.placement_strategy, schema.PLACEMENT_STRATEGIES, source, "cluster.placement_strategy")
     _choice(recipe.tracking.mode, schema.TRACKING_MODES, source, "tracking.mode")
     _check(
         bool(recipe.name) and "/" not in recipe.name, source, "name", "must be a non-empty name without '/'"

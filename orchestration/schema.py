@@ -17,6 +17,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LR_DECAYS = ("constant", "linear", "cosine")
 SAMPLERS = ("default", "ddpm", "ddim", "euler")
 TRACKING_MODES = ("auto", "online", "offline", "disabled")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
@@ -71,6 +72,8 @@ class DataConfig:
     toy_samples: int = 2048
     cache_dir: str = "~/.cache/nuance"
     """Where the toy dataset is written."""
+    log_keys: bool = False
+    """Write the sample keys of every step to run_dir/keys/rankN.jsonl (audits of exactly-once data)."""
 
 
 @dataclass
@@ -138,7 +141,9 @@ class ClusterConfig:
     storage_path: str = "./outputs"
     """Where checkpoints, samples and logs of every run go (local path; run dir = storage/name)."""
     max_failures: int = 0
-    """Worker-group restarts Ray may do before the run fails."""
+    """Worker-group restarts Ray may do before the run fails (each resumes from the latest checkpoint)."""
+    placement_strategy: str = "PACK"
+    """Ray placement of the workers: PACK | SPREAD (one per node if possible) | STRICT_PACK | STRICT_SPREAD."""
 
 
 @dataclass

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainers import faults
 from trainers.ema import EMA, consolidate
 
 FORMAT = "nuance-ckpt-v1"
@@ -59,6 +60,7 @@ def save(
     """Write this rank's part of a checkpoint into `directory`."""
     directory = Path(directory)
     engine.save(str(directory / "deepspeed"))
+    faults.maybe_kill("save", meta["step"], rank)  # tests: a worker dies halfway through a save
     if ema is not None and (ema.partitioned or rank == 0):
         torch.save(ema.state_dict(), _rank_file(directory, "ema", rank, ".pt"))
     torch.save(rng_state(), _rank_file(directory, "rng", rank, ".pt"))

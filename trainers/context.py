@@ -26,6 +26,12 @@ class RunContext:
     report: Callable[[dict, str | None], None] = field(default=lambda metrics, ckpt_dir: None)
     """report(metrics, checkpoint_dir or None): every rank calls it at the same points."""
 
+    def open_rank_file(self, kind: str, suffix: str):
+        """Append-mode file `run_dir/<kind>/rank<N>.<suffix>` of this rank (the caller closes it)."""
+        path = self.run_dir / kind / f"rank{self.rank:05d}.{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a")  # noqa: SIM115
+
     def log(self, message: str) -> None:
         """A progress line on rank 0. Written to the real stdout: Ray Train's print patch would log it
         a second time whenever W&B has wrapped sys.stdout."""

@@ -5,8 +5,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -58,6 +62,19 @@ def train_func(config: dict) -> None:
         resume_from=resume_from,
         report=report,
     )
+    with ctx.open_rank_file("workers", "jsonl") as f:  # who ran where: debugging and placement tests
+        f.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "node_id": ray.get_runtime_context().get_node_id(),
+                    "host": socket.gethostname(),
+                    "resume_from": resume_from,
+                    "time": time.time(),
+                }
+            )
+            + "\n"
+        )
     try:
         _loops()[recipe.kind](recipe, ctx)
     finally:

@@ -6,6 +6,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from orchestration.k8s import DEFAULT_IMAGE  # light: yaml + the schema dataclasses
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets `key=value` overrides come before or after the options (`RECIPE --workers 2 k=v`)."""
+
+    _busy = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._busy:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._busy = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._busy = False
+
 
 def _count(minimum: int):
     """argparse type: an integer >= minimum."""
@@ -39,7 +56,9 @@ def cmd_render(ns: argparse.Namespace) -> int:
         before = recipe.cluster.num_workers
         recipe, path = load_recipe(name, sizing + overrides)
         if recipe.cluster.num_workers != before:
-            _note(f"cluster.num_workers {before} -> {recipe.cluster.num_workers} ({workers} pods x {gpus} GPUs)")
+            _note(
+                f"cluster.num_workers {before} -> {recipe.cluster.num_workers} ({workers} pods x {gpus} GPUs)"
+            )
     storage = recipe.cluster.storage_path
     if not storage.startswith("/"):
         _note(f"cluster.storage_path '{storage}' is inside the head pod; use a shared volume's absolute path")
@@ -60,13 +79,13 @@ def cmd_render(ns: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("k8s", help="Kubernetes (KubeRay) manifests for a recipe")
-    ksub = p.add_subparsers(dest="k8s_command", required=True)
+    ksub = p.add_subparsers(dest="k8s_command", required=True, parser_class=_IntermixedParser)
     r = ksub.add_parser(
         "render",
         help="print a ConfigMap (the recipe) + a RayJob that runs it; pipe to `kubectl apply -f -`",
     )
     r.add_argument("args", nargs="*", metavar="[RECIPE] [key=value]")
-    r.add_argument("--image", default="nuance:latest", help="container image with nuance installed")
+    r.add_argument("--image", default=DEFAULT_IMAGE, help="container image with nuance installed")
     r.add_argument(
         "--workers", type=_count(1), default=None, help="worker pods (default: from the recipe's cluster)"
     )

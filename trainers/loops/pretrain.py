@@ -7,6 +7,7 @@ Everything it needs comes from the recipe and the `RunContext`; nothing is read 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import tempfile
 import time
@@ -79,6 +80,7 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
     peak = peak_flops(recipe.tracking)
     images_per_step = global_batch_size(micro, accum, ctx.world_size)
     batches = iter(stream)
+    key_log = ctx.open_rank_file("keys", "jsonl") if recipe.data.log_keys else None
     last: dict = {}
     window_start, window_data, window_steps = time.perf_counter(), 0.0, 0
 
@@ -111,6 +113,11 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
             ema.update()
         step += 1
         window_steps += 1
+        if key_log is not None:
+            key_log.write(
+                json.dumps({"step": step, "keys": [k for b in micro_batches for k in b["key"]]}) + "\n"
+            )
+            key_log.flush()
         if not math.isfinite(stats.loss):
             tracker.alert(
                 "nuance: loss is not finite", f"run {recipe.name}: loss={stats.loss} at step {step}"
@@ -143,6 +150,8 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
         if (ckpt_every and step % ckpt_every == 0) or step == recipe.train.max_steps:
             save_and_report(step, last)
     tracker.finish()
+    if key_log is not None:
+        key_log.close()
     return last
 
 
