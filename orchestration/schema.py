@@ -141,7 +141,7 @@ class ClusterConfig:
     storage_path: str = "./outputs"
     """Where checkpoints, samples and logs of every run go (local path; run dir = storage/name)."""
     max_failures: int = 0
-    """Worker-group restarts Ray may do before the run fails (each resumes from the latest checkpoint)."""
+    """Worker-group restarts Ray may do before the run fails (each resumes from the last checkpoint)."""
     placement_strategy: str = "PACK"
     """Ray placement of the workers: PACK | SPREAD (one per node if possible) | STRICT_PACK | STRICT_SPREAD."""
 
