@@ -81,7 +81,7 @@ def _steps(engine, rank: int, steps: range) -> list[float]:
         stats = engine.train_step(
             [(x0, labels)], lambda m, b: objective.loss(m, b[0], {"class_labels": b[1]})
         )
-        losses.append(stats.loss)
+        losses.append(stats.as_floats()[0])
     return losses
 
 

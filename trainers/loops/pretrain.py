@@ -118,20 +118,19 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
                 json.dumps({"step": step, "keys": [k for b in micro_batches for k in b["key"]]}) + "\n"
             )
             key_log.flush()
-        if not math.isfinite(stats.loss):
-            tracker.alert(
-                "nuance: loss is not finite", f"run {recipe.name}: loss={stats.loss} at step {step}"
-            )
-            raise FloatingPointError(
-                f"loss became {stats.loss} at step {step}; lower optim.lr or check the data"
-            )
         if step % recipe.train.log_every == 0 or step == recipe.train.max_steps:
+            loss, grad_norm = stats.as_floats()  # the only host-device sync of a step
+            if not math.isfinite(loss):
+                tracker.alert("nuance: loss is not finite", f"run {recipe.name}: loss={loss} at step {step}")
+                raise FloatingPointError(
+                    f"loss became {loss} by step {step}; lower optim.lr or check the data"
+                )
             elapsed = time.perf_counter() - window_start
             img_s = images_per_step * window_steps / elapsed
             last = {
-                "loss": stats.loss,
+                "loss": loss,
                 "lr": stats.lr,
-                "grad_norm": stats.grad_norm,
+                "grad_norm": grad_norm,
                 "img_per_s": img_s,
                 "data_wait_frac": window_data / elapsed,
             }
@@ -139,8 +138,8 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
                 last["mfu"] = flops_per_image * img_s / (peak * ctx.world_size)
             tracker.log(last, step)
             ctx.log(
-                f"step {step}/{recipe.train.max_steps} | loss {stats.loss:.4f} | lr {stats.lr:.2e} | "
-                f"gnorm {stats.grad_norm:.3f} | {img_s:.1f} img/s | data {100 * last['data_wait_frac']:.0f}%"
+                f"step {step}/{recipe.train.max_steps} | loss {loss:.4f} | lr {stats.lr:.2e} | "
+                f"gnorm {grad_norm:.3f} | {img_s:.1f} img/s | data {100 * last['data_wait_frac']:.0f}%"
             )
             window_start, window_data, window_steps = time.perf_counter(), 0.0, 0
         every = recipe.sample.every
