@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.s3_fixtures"]  # one SeaweedFS S3 server per session (started on first use)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # DeepSpeed picks its accelerator at import time; these tests run on CPU.

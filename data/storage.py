@@ -1,0 +1,564 @@
+"""Object storage behind one small API: local paths, ``file://`` URLs and ``s3://`` URLs.
+
+S3 settings come only from the environment (or the named ``AWS_PROFILE``), never from recipes, so that no
+recipe, checkpoint or log ever carries a credential:
+
+- endpoint: ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL`` (unset: AWS, or the profile's endpoint);
+- credentials: ``AWS_ACCESS_KEY_ID`` + ``AWS_SECRET_ACCESS_KEY`` (+ ``AWS_SESSION_TOKEN``), else
+  ``AWS_PROFILE``, else botocore's default chain;
+- region: ``AWS_REGION``, else ``AWS_DEFAULT_REGION``.
+
+Every S3 operation here retries transient failures (connection refused/reset, timeouts, HTTP 5xx,
+throttling) with exponential backoff and jitter for at most ``NUANCE_S3_RETRY_SECONDS`` (default 120 s)
+per outage; reads from ``open_url`` also re-open the object at the byte offset already consumed, so a
+tar stream survives an S3 server restart. ``retry_count()`` counts the retries of this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import os
+import random
+import shutil
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
+
+import fsspec
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_SECONDS_ENV = "NUANCE_S3_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 120.0
+# Readahead per S3 request while streaming: s3fs's 50 MiB default costs that much memory per open shard
+# in every DataLoader worker; 8 MiB requests still stream at full speed.
+STREAM_BLOCK_SIZE = 8 * 2**20
+_BACKOFF_FIRST_S, _BACKOFF_CAP_S = 0.2, 8.0
+# S3 error codes that mean "try again later" even when the HTTP status is not 5xx.
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError"}
+_TRANSIENT_CODES |= {"RequestLimitExceeded", "TooManyRequestsException", "ServiceUnavailable"}
+_PERMANENT_ERRORS = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError)
+_GLOB_CHARS = "*?["
+
+_fs_lock = threading.Lock()
+_fs_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
+_retry_lock = threading.Lock()
+_retries = 0
+
+
+class RetriesExhausted(OSError):
+    """A transient S3 failure lasted longer than ``NUANCE_S3_RETRY_SECONDS``."""
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def _s3_env() -> dict[str, str | None]:
+    """The S3-related environment, secrets included: for building clients only, never for display."""
+    env = os.environ.get
+    return {
+        "endpoint": env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL") or None,
+        "profile": env("AWS_PROFILE") or None,
+        "region": env("AWS_REGION") or env("AWS_DEFAULT_REGION") or None,
+        "key_id": env("AWS_ACCESS_KEY_ID") or None,
+        "secret": env("AWS_SECRET_ACCESS_KEY") or None,
+        "token": env("AWS_SESSION_TOKEN") or None,
+    }
+
+
+def retry_seconds() -> float:
+    """Longest time one outage is retried (``NUANCE_S3_RETRY_SECONDS``, default 120)."""
+    raw = os.environ.get(RETRY_SECONDS_ENV, "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_RETRY_SECONDS
+    except ValueError:
+        raise ValueError(f"{RETRY_SECONDS_ENV} must be a number of seconds, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{RETRY_SECONDS_ENV} must be >= 0, got {raw!r}")
+    return value
+
+
+def describe() -> dict[str, str]:
+    """Where S3 requests go and how they authenticate; safe to log (no secret, not even the key id)."""
+    s = _s3_env()
+    if s["key_id"] and s["secret"]:
+        credentials = "environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    else:
+        credentials = f"profile {s['profile']!r}" if s["profile"] else "botocore default chain"
+    present = {True: "present", False: "absent"}
+    return {
+        "endpoint": s["endpoint"] or "(default: AWS, or the profile's endpoint_url)",
+        "region": s["region"] or "(default)",
+        "profile": s["profile"] or "(none)",
+        "credentials": credentials,
+        "access_key_id": present[bool(s["key_id"])],
+        "secret_access_key": present[bool(s["secret"])],
+        "session_token": present[bool(s["token"])],
+        "retry_seconds": f"{retry_seconds():g}",
+    }
+
+
+# ------------------------------------------------------------------------------------------------ retrying
+
+
+def retry_count() -> int:
+    """Transient S3 failures retried so far in this process (each DataLoader worker counts its own)."""
+    return _retries
+
+
+def _classify(exc: BaseException) -> bool | None:
+    """True: transient; False: permanent; None: this exception alone does not tell."""
+    import botocore.exceptions as bex
+
+    if isinstance(exc, (RetriesExhausted, *_PERMANENT_ERRORS, bex.SSLError)):
+        return False
+    if isinstance(exc, bex.ClientError):
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return status >= 500 or status == 429 or exc.response.get("Error", {}).get("Code") in _TRANSIENT_CODES
+    if isinstance(exc, (bex.ConnectionError, bex.HTTPClientError, bex.IncompleteReadError)):
+        return True
+    # Refused / reset / aborted / broken pipe, and timeouts (asyncio's is a distinct class before 3.11).
+    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    aiohttp = sys.modules.get("aiohttp")  # aiobotocore's transport, loaded once s3fs is in use
+    if aiohttp is not None and isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
+        return True
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc``, or what caused it (s3fs wraps botocore errors in OSError), is worth retrying."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            break
+        verdict = _classify(current)
+        if verdict is not None:
+            return verdict
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class _Backoff:
+    """Exponential backoff with jitter over one outage, bounded by ``retry_seconds()`` in total."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.budget = what, retry_seconds()
+        self.started: float | None = None
+        self.attempts = 0
+
+    def wait(self, exc: BaseException) -> None:
+        """Sleep before the next attempt, or raise RetriesExhausted once the budget is spent."""
+        now = time.monotonic()
+        self.started = now if self.started is None else self.started
+        elapsed = now - self.started
+        if elapsed >= self.budget:
+            raise RetriesExhausted(
+                f"{self.what}: still failing after {self.attempts} retries in {elapsed:.1f}s "
+                f"({RETRY_SECONDS_ENV}={self.budget:g}): {type(exc).__name__}: {exc}"
+            ) from exc
+        # Jitter in [delay/2, delay] keeps many workers from hitting a recovering server in lockstep.
+        delay = min(_BACKOFF_CAP_S, _BACKOFF_FIRST_S * 2**self.attempts) * random.uniform(0.5, 1.0)
+        self.attempts += 1
+        global _retries
+        with _retry_lock:
+            _retries += 1
+        log = logger.warning if self.attempts == 1 else logger.debug
+        log("%s: %s: %s; retry %d in %.2fs", self.what, type(exc).__name__, exc, self.attempts, delay)
+        time.sleep(min(delay, self.budget - elapsed))
+
+
+def with_retries(what: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``func(*args, **kwargs)``, retrying transient failures under the backoff policy."""
+    backoff = _Backoff(what)
+    while True:
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            backoff.wait(exc)
+
+
+# ---------------------------------------------------------------------------------------- URLs and clients
+
+
+def _scheme(url: str) -> str:
+    """The URL scheme in lower case; "" for a plain local path."""
+    head, sep, _ = url.partition("://")
+    return head.lower() if sep else ""
+
+
+def local_path(url: str | os.PathLike) -> str | None:
+    """The local filesystem path behind ``url`` (plain path or ``file://`` URL), else None."""
+    url = os.fspath(url)
+    scheme = _scheme(url)
+    return url[len("file://") :] if scheme == "file" else (url if scheme == "" else None)
+
+
+def _new_s3fs() -> fsspec.AbstractFileSystem:
+    """An S3FileSystem for the current environment. Keys are left for botocore to read from the
+    environment / profile, so no secret ever sits in the filesystem's storage_options."""
+    import s3fs
+
+    s = _s3_env()
+    # Region via botocore Config, not region_name=: s3fs would turn that into a bucket LocationConstraint,
+    # which some S3 servers reject on bucket creation. (botocore alone ignores AWS_REGION.)
+    config: dict[str, Any] = {"region_name": s["region"]} if s["region"] else {}
+    if not os.environ.get("AWS_MAX_ATTEMPTS") and not os.environ.get("AWS_RETRY_MODE"):
+        # No hidden inner retries: every transient failure goes through our bounded, counted backoff
+        # (botocore's own would silently add up to seconds per request on top of it).
+        config["retries"] = {"mode": "standard", "total_max_attempts": 1}
+    kwargs: dict[str, Any] = {"skip_instance_cache": True, "config_kwargs": config}
+    if s["endpoint"]:
+        kwargs["endpoint_url"] = s["endpoint"]
+    if s["profile"] and not (s["key_id"] and s["secret"]):
+        kwargs["profile"] = s["profile"]
+    fs = s3fs.S3FileSystem(**kwargs)
+    fs.retries = 1  # s3fs's own retry loop (default 5 tries) likewise gives way to ours
+    return fs
+
+
+def filesystem(url: str | os.PathLike) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for ``url``: s3fs for ``s3://``, local for paths and ``file://``.
+
+    S3 clients are cached per process id and S3 settings: an s3fs object is not fork-safe, so each
+    process (e.g. each DataLoader worker) builds its own on first use.
+    """
+    scheme = _scheme(os.fspath(url))
+    if scheme in ("", "file"):
+        return fsspec.filesystem("file")
+    if scheme != "s3":
+        return fsspec.filesystem(scheme)  # other fsspec protocols work, without the retry guarantees
+    s = _s3_env()
+    digest = hashlib.sha256(f"{s['secret']}\0{s['token']}".encode()).hexdigest()  # never the secret itself
+    key = (os.getpid(), s["endpoint"], s["profile"], s["region"], s["key_id"], digest)
+    with _fs_lock:
+        if key not in _fs_cache:
+            # Clients inherited from a parent process must not be used (or closed) here: forget them.
+            for stale in [k for k in _fs_cache if k[0] != key[0]]:
+                del _fs_cache[stale]
+            _fs_cache[key] = _new_s3fs()
+        return _fs_cache[key]
+
+
+def _remote(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and protocol-free path of a non-local URL."""
+    fs = filesystem(url)
+    return fs, fs._strip_protocol(url)
+
+
+# --------------------------------------------------------------------------------------------- streaming
+
+
+class ResilientReader(io.RawIOBase):
+    """Read-only, seekable file over one S3 object that survives transient failures.
+
+    On a transient error it waits (bounded backoff), re-opens the object, seeks to the offset already
+    handed out and continues. It refuses to go on if the object changed meanwhile (size or ETag differ):
+    that would splice two versions together. ``retries`` counts this reader's retries.
+    """
+
+    def __init__(self, url: str, block_size: int | None = None) -> None:
+        super().__init__()
+        self.url, self.block_size = url, block_size or STREAM_BLOCK_SIZE
+        self.retries, self._pos = 0, 0
+        self._file: Any = None
+        self._identity: tuple | None = None
+        self._retrying("opening", self._ensure_open)
+
+    def __repr__(self) -> str:
+        return f"ResilientReader({self.url!r}, pos={self._pos}, retries={self.retries})"
+
+    def _ensure_open(self) -> Any:
+        """The underlying s3fs file, (re)opened at the current offset when needed."""
+        if self._file is None:
+            fs, path = _remote(self.url)
+            f = fs.open(path, "rb", block_size=self.block_size, cache_type="readahead")
+            identity = (f.size, f.details.get("ETag"))
+            if self._identity not in (None, identity):
+                f.close()
+                raise OSError(f"{self.url} changed while being read (size/ETag differ); not resuming")
+            self._identity = identity
+            f.seek(self._pos)
+            self._file = f
+        return self._file
+
+    def _drop_file(self) -> None:
+        """Forget the underlying file after a failure (its connection may be dead)."""
+        f, self._file = self._file, None
+        try:
+            if f is not None:
+                f.close()
+        except Exception:  # closing a broken connection may fail as well; nothing is lost
+            pass
+
+    def _retrying(self, what: str, func: Callable[[], T]) -> T:
+        """``func()`` with drop-reopen-retry on transient errors."""
+        backoff = _Backoff(f"{what} {self.url} at byte {self._pos}")
+        while True:
+            try:
+                return func()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self._drop_file()
+                backoff.wait(exc)
+                self.retries += 1
+
+    @property
+    def size(self) -> int:
+        """Object size in bytes."""
+        return self._identity[0]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move the read position; no request is made until the next read."""
+        position = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence] + offset
+        if position < 0:
+            raise ValueError(f"negative seek position {position}")
+        self._pos = position
+        if self._file is not None:
+            self._file.seek(position)
+        return position
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes (all the rest if negative or None), retrying transient failures."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        n = -1 if size is None or size < 0 else size
+        data = self._retrying("reading", lambda: self._ensure_open().read(n))
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._drop_file()
+        super().close()
+
+
+def open_url(url: str | os.PathLike, mode: str = "rb") -> IO[bytes]:
+    """Open a local path, ``file://`` or ``s3://`` URL in binary mode ``"rb"`` or ``"wb"``.
+
+    S3 reads give a :class:`ResilientReader`; S3 writes give s3fs's file (the object appears atomically
+    on close, nothing is retried mid-upload). Open inside the process that reads: S3 clients are per process.
+    """
+    url = os.fspath(url)
+    if mode not in ("rb", "wb"):
+        raise ValueError(f"open_url supports mode 'rb' or 'wb', got {mode!r}")
+    local = local_path(url)
+    if local is not None:
+        if mode == "wb":
+            _make_parent(local)
+        return open(local, mode)
+    if _scheme(url) == "s3" and mode == "rb":
+        return ResilientReader(url)
+    fs, path = _remote(url)
+    return fs.open(path, mode)
+
+
+# ------------------------------------------------------------------------------------- whole-object ops
+
+
+def _make_parent(path: str) -> None:
+    """Create the parent directory of a local path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
+def read_bytes(url: str | os.PathLike) -> bytes:
+    """The whole content of a file or object."""
+    url = os.fspath(url)
+    local = local_path(url)
+    if local is not None:
+        with open(local, "rb") as f:
+            return f.read()
+    fs, path = _remote(url)
+    return with_retries(f"reading {url}", fs.cat_file, path)
+
+
+def write_bytes(url: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a file (parents created) or an object (one PUT, atomic per object)."""
+    url = os.fspath(url)
+    local = local_path(url)
+    if local is None:
+        fs, path = _remote(url)
+        with_retries(f"writing {url}", fs.pipe_file, path, bytes(data))
+        return
+    _make_parent(local)
+    with open(local, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_bytes(url: str | os.PathLike, data: bytes) -> None:
+    """Write so that readers see the old content or the new, never a partial file.
+
+    Local: a temporary file in the same directory, fsync'ed, then ``os.replace``. S3: a PUT already
+    replaces an object atomically.
+    """
+    url = os.fspath(url)
+    local = local_path(url)
+    if local is None:
+        return write_bytes(url, data)
+    _make_parent(local)
+    tmp = f"{local}.{uuid.uuid4().hex[:12]}.tmp"
+    # os.open with 0o666 honours the umask, unlike mkstemp's 0o600 (which os.replace would keep).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):  # only when something failed before the replace
+            os.unlink(tmp)
+
+
+def _bucket_exists(fs: fsspec.AbstractFileSystem, bucket: str) -> bool:
+    """HEAD the bucket (s3fs's own exists() turns every error, even connection refused, into False)."""
+    try:
+        with_retries(f"checking bucket {bucket}", fs.call_s3, "head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def exists(url: str | os.PathLike) -> bool:
+    """Whether a file, directory, object, prefix or bucket exists. Connection errors raise, never False."""
+    url = os.fspath(url)
+    local = local_path(url)
+    if local is not None:
+        return os.path.exists(local)
+    fs, path = _remote(url)
+    if _scheme(url) == "s3" and "/" not in path.strip("/"):
+        return _bucket_exists(fs, path.strip("/"))
+    fs.invalidate_cache(path)  # another process may have written it since this one last listed
+    try:
+        with_retries(f"checking {url}", fs.info, path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def makedirs(url: str | os.PathLike) -> None:
+    """Create a local directory, or the bucket of an S3 URL if missing (prefixes need no creation)."""
+    url = os.fspath(url)
+    local = local_path(url)
+    if local is not None:
+        os.makedirs(local, exist_ok=True)
+        return
+    fs, path = _remote(url)
+    if _scheme(url) != "s3":
+        with_retries(f"creating {url}", fs.makedirs, path, exist_ok=True)
+        return
+    bucket = path.strip("/").split("/")[0]
+    try:
+        if _bucket_exists(fs, bucket):
+            return
+    except PermissionError:  # keys scoped to a prefix may not HEAD the bucket: it exists, writes will tell
+        return
+    with_retries(f"creating bucket {bucket}", fs.makedirs, bucket, exist_ok=True)
+
+
+def put_file(local: str | os.PathLike, url: str | os.PathLike) -> None:
+    """Upload (or copy) one local file to ``url``."""
+    local, url = os.fspath(local), os.fspath(url)
+    if not os.path.isfile(local):
+        raise FileNotFoundError(f"no such local file: {local}")
+    dest = local_path(url)
+    if dest is not None:
+        _make_parent(dest)
+        shutil.copyfile(local, dest)
+        return
+    fs, path = _remote(url)
+    with_retries(f"uploading {local} to {url}", fs.put_file, local, path)
+
+
+def get_file(url: str | os.PathLike, local: str | os.PathLike) -> None:
+    """Download ``url`` to a local file, which appears complete or not at all."""
+    url, local = os.fspath(url), os.fspath(local)
+    src = local_path(url)
+    _make_parent(local)
+    tmp = f"{local}.{uuid.uuid4().hex[:12]}.part"
+    try:
+        if src is not None:
+            shutil.copyfile(src, tmp)
+        else:
+            fs, path = _remote(url)
+            with_retries(f"downloading {url}", fs.get_file, path, tmp)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def list_urls(prefix_or_pattern: str | os.PathLike) -> list[str]:
+    """Sorted URLs of the files matching a glob (``s3://b/shards/*.tar``; ``**`` recurses), or directly
+    under a directory / prefix (``s3://b/shards/``), or the file itself; [] when nothing matches.
+    Results keep the input's form: ``s3://`` and ``file://`` URLs stay URLs, plain paths stay plain."""
+    url = os.fspath(prefix_or_pattern)
+    local = local_path(url)
+    is_glob = any(c in url for c in _GLOB_CHARS)
+    if local is not None:
+        import glob
+
+        head = url[: len(url) - len(local)]  # "file://" or ""
+        if is_glob:
+            found = glob.glob(local, recursive=True)
+        else:
+            found = [os.path.join(local, n) for n in os.listdir(local)] if os.path.isdir(local) else [local]
+        return sorted(head + p for p in found if os.path.isfile(p))
+    fs, path = _remote(url)
+    fs.invalidate_cache()  # other processes may have written since this one last listed
+    if is_glob:
+        entries = list(with_retries(f"listing {url}", fs.glob, path, detail=True).values())
+    else:
+        try:
+            entries = with_retries(f"listing {url}", fs.ls, path.rstrip("/"), detail=True)
+        except FileNotFoundError:
+            return []
+    return sorted(f"{_scheme(url)}://{e['name']}" for e in entries if e.get("type") == "file")
+
+
+# ------------------------------------------------------------------------------------------- webdataset
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
+    """webdataset ``gopen`` handler for ``s3://``: our resilient ``open_url``."""
+    return open_url(url, mode)
+
+
+def register_webdataset_s3() -> bool:
+    """Let ``webdataset.gopen`` (hence ``WebDataset("s3://...")``) open ``s3://`` through ``open_url``.
+
+    Returns False, doing nothing, when webdataset is not installed.
+    """
+    try:
+        import webdataset  # noqa: F401  (the package shadows its gopen module with the function)
+    except ImportError:
+        return False
+    sys.modules["webdataset.gopen"].gopen_schemes["s3"] = _gopen_s3
+    return True
