@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import pickle
 import tarfile
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+import data.stream
+from data.buckets import make_buckets, nearest_bucket
 from data.stream import ShardStream, expand_urls, open_url, rank_shards
 from data.toy import CLASS_NAMES, write_toy_shards
 
@@ -76,6 +79,22 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _epoch_batches(stream: ShardStream, iterator) -> list[dict]:
+    """The rest of the current epoch's batches (the first batch of the next epoch is read and dropped)."""
+    epoch, out = stream.epoch, []
+    for batch in iterator:
+        if stream.epoch != epoch:
+            return out
+        out.append(batch)
+    raise AssertionError("unreachable: the stream is infinite")
+
+
 # --- URL expansion -------------------------------------------------------------------------------------
 
 
@@ -119,6 +138,24 @@ def test_remote_fsspec_urls_stream_like_local_ones(shards):
     remote = expand_urls("memory://nuance-test/shapes-{000000..000001}.tar")
     a = _take(iter(_stream(remote, world_size=1, num_workers=0)), 4)
     _assert_same_batches(a, _take(iter(_stream(shards[:2], world_size=1, num_workers=0)), 4))
+
+
+def test_globs_and_remote_prefixes_list_their_tars(shards, monkeypatch):
+    directory = str(Path(shards[0]).parent)
+    assert expand_urls(directory + "/shapes-*.tar") == shards
+    fs = fsspec.filesystem("memory")
+    for path in shards[:3]:
+        fs.pipe(f"/nuance-prefix/{Path(path).name}", Path(path).read_bytes())
+    fs.pipe("/nuance-prefix/manifest.json", b"{}")  # a prefix lists its *.tar only
+    names = [Path(p).name for p in shards[:3]]
+    listed = expand_urls("memory://nuance-prefix/")  # through data.storage.list_urls when it is there
+    assert [url.rsplit("/", 1)[1] for url in listed] == names
+    monkeypatch.setattr(data.stream, "_storage", lambda: None)  # without data.storage: plain fsspec
+    fallback = expand_urls("memory://nuance-prefix/")
+    assert [url.rsplit("/", 1)[1] for url in fallback] == names
+    assert [u.rsplit("/", 1)[1] for u in expand_urls("memory://nuance-prefix/*01.tar")] == names[1:2]
+    with open_url(fallback[0]) as f:
+        assert f.read() == Path(shards[0]).read_bytes()
 
 
 # --- sharding, coverage, decoding --------------------------------------------------------------------
@@ -177,12 +214,210 @@ def test_resize_and_missing_fields(tmp_path):
     wide = np.zeros((20, 40, 3), dtype=np.uint8)
     wide[:, 10:30] = 200  # the centre square survives the crop
     url = _write_tar(tmp_path / "odd.tar", [{"__key__": f"s{i}", "png": _png(wide)} for i in range(4)])
-    batch = next(
-        iter(ShardStream(url, rank=0, world_size=1, batch_size=4, image_size=8, seed=0, random_flip=False))
+    stream = ShardStream(
+        url, rank=0, world_size=1, batch_size=4, image_size=8, seed=0, random_flip=False, random_crop=False
     )
+    batch = next(iter(stream))
     assert batch["pixels"].shape == (4, 3, 8, 8)
     assert batch["pixels"][:, :, 2:6, 1:7].min() > 0.5  # bright centre kept after resize + centre crop
     assert batch["caption"] == [""] * 4 and batch["class_label"].tolist() == [-1] * 4
+    # SDXL micro-conditioning: size before resizing, crop offset in the resized 8x16 image, output size.
+    assert batch["original_size"].tolist() == [[20, 40]] * 4 and batch["original_size"].dtype == torch.long
+    assert batch["crop_coords"].tolist() == [[0, 4]] * 4 and batch["target_size"].tolist() == [[8, 8]] * 4
+
+
+def test_crop_and_flip_are_exact_and_seeded_per_sample(tmp_path):
+    # 16x32 images and image_size 16: no resize, so each output is the 16-wide window of the stored image
+    # at crop_coords -- in the mirrored frame when the sample was flipped.
+    rng = np.random.default_rng(0)
+    images = {f"s{i:02d}": rng.integers(0, 256, (16, 32, 3), dtype=np.uint8) for i in range(16)}
+    url = _write_tar(tmp_path / "wide.tar", [{"__key__": k, "png": _png(v)} for k, v in images.items()])
+
+    def run(seed: int, **kwargs) -> list[dict]:
+        stream = ShardStream(url, rank=0, world_size=1, batch_size=4, image_size=16, seed=seed, **kwargs)
+        return _take(iter(stream), 4)
+
+    batches, lefts, flipped = run(3), set(), 0
+    for batch in batches:
+        assert batch["target_size"].tolist() == [[16, 16]] * 4
+        assert batch["original_size"].tolist() == [[16, 32]] * 4
+        for pixels, key, (top, left) in zip(batch["pixels"], batch["key"], batch["crop_coords"].tolist()):
+            stored = torch.from_numpy(images[key].transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
+            plain, mirrored = stored[:, :, left : left + 16], stored.flip(-1)[:, :, left : left + 16]
+            assert top == 0 and (torch.equal(pixels, plain) or torch.equal(pixels, mirrored))
+            flipped += not torch.equal(pixels, plain)
+            lefts.add(left)
+    assert 0 < flipped < 16 and len(lefts) > 4
+    _assert_same_batches(batches, run(3))
+    by_key = [{k: p for b in run_ for k, p in zip(b["key"], b["pixels"])} for run_ in (batches, run(4))]
+    assert any(not torch.equal(by_key[0][k], by_key[1][k]) for k in images)
+    centred = run(3, random_crop=False, random_flip=False)
+    assert all(b["crop_coords"].tolist() == [[0, 8]] * 4 for b in centred)
+
+
+def test_augmentation_depends_on_the_sample_not_on_the_workers(shards):
+    def pixels_by_key(num_workers: int) -> dict[str, torch.Tensor]:
+        batches = _take(iter(_stream(shards, image_size=12, num_workers=num_workers)), BATCHES_PER_EPOCH)
+        return {k: p for b in batches for k, p in zip(b["key"], b["pixels"])}
+
+    a, b = pixels_by_key(0), pixels_by_key(2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_iterating_leaves_the_global_rngs_alone(shards):
+    import random
+
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    for num_workers in (0, 2):
+        _take(iter(_stream(shards, num_workers=num_workers)), 3)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+
+
+# --- latent shards -----------------------------------------------------------------------------------
+
+
+def _latent_sample(i: int, *, single: bool = False, text: bool = True, meta: bool = True, hw=(8, 8)) -> dict:
+    rng = np.random.default_rng(i)
+    mean = rng.standard_normal((4, *hw)).astype(np.float16)
+    sample = {"__key__": f"l{i:04d}", "txt": f"caption {i}".encode(), "cls": str(i % 3).encode()}
+    if single:
+        sample["latent.npy"] = _npy(mean)
+    else:
+        sample["latent_mean.npy"] = _npy(mean)
+        sample["latent_logvar.npy"] = _npy(np.full_like(mean, -2.0))
+    if text:
+        sample["text.npy"] = _npy(rng.standard_normal((7, 16)).astype(np.float16))
+        sample["mask.npy"] = _npy((np.arange(7) < 3 + i % 4).astype(np.uint8))
+        sample["pooled.npy"] = _npy(rng.standard_normal(16).astype(np.float16))
+    if meta:
+        sample["json"] = json.dumps({"original_size": [300 + i, 200], "crop": [i, 2]}).encode()
+    return sample
+
+
+def _write_latent_shards(tmp_path: Path, n: int = 16, per_shard: int = 8, **kwargs) -> list[str]:
+    return [
+        _write_tar(
+            tmp_path / f"lat-{s}.tar", [_latent_sample(i, **kwargs) for i in range(s, min(n, s + per_shard))]
+        )
+        for s in range(0, n, per_shard)
+    ]
+
+
+def _latent_stream(urls, **overrides) -> ShardStream:
+    kwargs = dict(rank=0, world_size=1, batch_size=4, image_size=64, seed=0, num_workers=2)
+    return ShardStream(urls, **{**kwargs, **overrides})
+
+
+def test_latent_batches_with_text_pooled_and_metadata(tmp_path):
+    urls = _write_latent_shards(tmp_path)
+    batches = _take(iter(_latent_stream(urls, latent_shape=(4, 8, 8))), 4)
+    assert sorted(_keys(batches)) == [f"l{i:04d}" for i in range(16)]
+    for batch in batches:
+        assert "pixels" not in batch and "target_size" not in batch
+        shapes = {k: (tuple(v.shape), v.dtype) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        assert shapes == {
+            "latent_mean": ((4, 4, 8, 8), torch.float32),
+            "latent_logvar": ((4, 4, 8, 8), torch.float32),
+            "encoder_hidden_states": ((4, 7, 16), torch.float32),
+            "encoder_attention_mask": ((4, 7), torch.long),
+            "pooled": ((4, 16), torch.float32),
+            "class_label": ((4,), torch.long),
+            "original_size": ((4, 2), torch.long),
+            "crop_coords": ((4, 2), torch.long),
+        }
+        for j, key in enumerate(batch["key"]):
+            i = int(key[1:])
+            expected = _latent_sample(i)
+            mean = np.load(io.BytesIO(expected["latent_mean.npy"]))
+            assert torch.equal(batch["latent_mean"][j], torch.from_numpy(mean.astype(np.float32)))
+            assert (batch["latent_logvar"][j] == -2.0).all()
+            text = np.load(io.BytesIO(expected["text.npy"])).astype(np.float32)
+            assert torch.equal(batch["encoder_hidden_states"][j], torch.from_numpy(text))
+            assert batch["encoder_attention_mask"][j].sum() == 3 + i % 4
+            assert batch["caption"][j] == f"caption {i}" and batch["class_label"][j] == i % 3
+            assert batch["original_size"][j].tolist() == [300 + i, 200] and batch["crop_coords"][
+                j
+            ].tolist() == [i, 2]
+
+
+def test_single_latent_without_text_or_json(tmp_path):
+    urls = _write_latent_shards(tmp_path, single=True, text=False, meta=False)
+    batch = next(iter(_latent_stream(urls, num_workers=0)))
+    assert set(batch) == {
+        "latent_mean",
+        "latent_logvar",
+        "caption",
+        "class_label",
+        "key",
+        "original_size",
+        "crop_coords",
+    }
+    assert batch["latent_mean"].shape == (4, 4, 8, 8) and torch.equal(
+        batch["latent_logvar"], torch.zeros(4, 4, 8, 8)
+    )
+    assert batch["original_size"].tolist() == [[64, 64]] * 4 and batch["crop_coords"].tolist() == [[0, 0]] * 4
+
+
+def test_latents_of_different_shapes_never_share_a_batch(tmp_path):
+    samples = [_latent_sample(i, hw=(8, 8) if i % 3 else (8, 16)) for i in range(24)]
+    urls = [_write_tar(tmp_path / f"mixed-{s}.tar", samples[s : s + 12]) for s in (0, 12)]
+    batches = _take(iter(_latent_stream(urls, batch_size=4)), 6)  # 16 of (8, 8) + 8 of (8, 16)
+    assert sorted(_keys(batches)) == [f"l{i:04d}" for i in range(24)]
+    assert sorted(tuple(b["latent_mean"].shape[2:]) for b in batches) == [(8, 8)] * 4 + [(8, 16)] * 2
+
+
+# --- aspect-ratio buckets ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("image_size", "step"), [(32, 8), (64, 16), (256, 32), (512, 64), (1024, 64)])
+def test_buckets_keep_the_area_and_span_the_aspect_ratios(image_size, step):
+    buckets = make_buckets(image_size, step)
+    assert (image_size, image_size) in buckets and set(buckets) == {(w, h) for h, w in buckets}
+    assert buckets == sorted(buckets, key=lambda hw: hw[1] / hw[0])
+    for h, w in buckets:
+        assert h % step == 0 and w % step == 0
+        assert abs(h * w / image_size**2 - 1) < 0.15
+        assert 0.45 <= w / h <= 2.2
+    aspects = [w / h for h, w in buckets]
+    assert min(aspects) <= 0.6 and max(aspects) >= 1.65
+
+
+def test_nearest_bucket_follows_the_aspect_ratio():
+    buckets = make_buckets(256, 32)
+    assert nearest_bucket(buckets, 100, 100) == (256, 256)
+    wide, tall = nearest_bucket(buckets, 100, 200), nearest_bucket(buckets, 200, 100)
+    assert wide == buckets[-1] and tall == buckets[0] and wide == tall[::-1]
+    assert nearest_bucket(buckets, 300, 400) == (224, 288)  # 4:3 -> 9:7, the closest in the list
+
+
+def test_bucketing_batches_hold_one_bucket(tmp_path):
+    sizes = [(20, 40), (40, 20), (30, 30), (24, 36)]  # (h, w): 2:1, 1:2, 1:1, 3:2
+    samples = [
+        {"__key__": f"b{i:03d}", "png": _png(np.full((*sizes[i % 4], 3), i, dtype=np.uint8)), "txt": b"x"}
+        for i in range(32)
+    ]
+    urls = [_write_tar(tmp_path / f"bucket-{s}.tar", samples[s : s + 16]) for s in (0, 16)]
+    stream = ShardStream(
+        urls,
+        rank=0,
+        world_size=1,
+        batch_size=4,
+        image_size=32,
+        seed=0,
+        num_workers=2,
+        bucketing=True,
+        bucket_step=8,
+    )
+    assert stream.buckets == make_buckets(32, 8)
+    batches = _take(iter(stream), 8)
+    assert sorted(_keys(batches)) == [s["__key__"] for s in samples]
+    expected = {(20, 40): (24, 48), (40, 20): (48, 24), (30, 30): (32, 32), (24, 36): (24, 40)}
+    for batch in batches:
+        targets = {tuple(t) for t in batch["target_size"].tolist()}
+        assert len(targets) == 1 and tuple(batch["pixels"].shape[2:]) in targets
+        for key, original in zip(batch["key"], batch["original_size"].tolist()):
+            assert tuple(original) == sizes[int(key[1:]) % 4] and targets == {expected[tuple(original)]}
 
 
 # --- determinism and resume -------------------------------------------------------------------------
@@ -200,7 +435,7 @@ def test_resume_continues_exactly(shards, num_workers, k):
     reference = _stream(shards, rank=1, num_workers=num_workers)
     iterator = iter(reference)
     _take(iterator, k)
-    state = reference.state_dict()
+    state = json.loads(json.dumps(reference.state_dict()))  # as the trainer's checkpoint stores it
     expected = _take(iterator, 5)  # k=6: crosses the epoch boundary after resuming
 
     resumed = _stream(shards, rank=1, num_workers=num_workers)
@@ -208,6 +443,86 @@ def test_resume_continues_exactly(shards, num_workers, k):
     _assert_same_batches(_take(iter(resumed), 5), expected)
     assert resumed.state_dict() == reference.state_dict()
     assert resumed.samples_seen == (k + 5) * 4
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # 2-core CI machines
+@pytest.mark.parametrize(("before", "after", "k"), [(2, 1, 3), (2, 1, 5), (1, 3, 2), (1, 3, 5), (0, 2, 1)])
+def test_resume_with_other_num_workers_sees_each_sample_once(shards, before, after, k):
+    epoch_keys = _keys(_take(iter(_stream(shards, rank=1, num_workers=0)), BATCHES_PER_EPOCH))
+    first = _stream(shards, rank=1, num_workers=before)
+    head = _keys(_take(iter(first), k))
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = _stream(shards, rank=1, num_workers=after)
+    with pytest.warns(UserWarning, match=f"num_workers: {before} -> {after}.*still comes once"):
+        resumed.load_state_dict(state)
+    iterator = iter(resumed)
+    tail = _keys(_epoch_batches(resumed, iterator))
+    assert len(head) + len(tail) == len(set(head + tail)) == len(epoch_keys)
+    assert sorted(head + tail) == sorted(epoch_keys)
+    assert resumed.epoch == 1 and resumed.samples_seen == (BATCHES_PER_EPOCH + 1) * 4
+
+
+def test_resampled_mode_is_infinite_and_deterministic(shards):
+    n = 3 * BATCHES_PER_EPOCH
+    a = _take(iter(_stream(shards, mode="resampled")), n)
+    assert len(a) == n
+    _assert_same_batches(a, _take(iter(_stream(shards, mode="resampled")), n))
+    keys = _keys(a)
+    assert len(set(keys)) < len(keys)  # shards are drawn with replacement
+    assert _keys(_take(iter(_stream(shards, mode="resampled", seed=6)), n)) != keys
+    assert _keys(_take(iter(_stream(shards, mode="resampled", rank=1)), n)) != keys
+
+
+def test_resampled_resume_continues_exactly(shards):
+    reference = _stream(shards, mode="resampled")
+    iterator = iter(reference)
+    _take(iterator, 5)
+    state = json.loads(json.dumps(reference.state_dict()))
+    resumed = _stream(shards, mode="resampled")
+    resumed.load_state_dict(state)
+    _assert_same_batches(_take(iter(resumed), 6), _take(iterator, 6))
+
+
+def test_state_records_handed_out_samples_as_ranges(shards):
+    stream = _stream(shards, world_size=1, num_workers=2, shuffle_buffer=6)
+    iterator = iter(stream)
+    _take(iterator, 5)
+    state = json.loads(json.dumps(stream.state_dict()))
+    assert state["format"] == "nuance-stream-v2" and state["mode"] == "epoch" and state["bad_counts"] == {}
+    sources = state["position"]["sources"]
+    assert sum(b - a for _, _, handed, _ in sources for a, b in handed) == 20
+    assert sum(len(handed) for _, _, handed, _ in sources) <= 2 * (6 + 4)  # bounded by the buffers
+    _take(iterator, NUM_SAMPLES // 4 - 5)  # the rest of the epoch
+    position = stream.state_dict()["position"]
+    assert position == {
+        "sources": [[i, PER_SHARD, [[0, PER_SHARD]], []] for i in range(8)],
+        "worker_items": [8, 8],
+    }
+
+
+def test_resume_does_not_reopen_fully_consumed_shards(tmp_path):
+    paths = write_toy_shards(tmp_path, num_samples=NUM_SAMPLES, image_size=SIZE, samples_per_shard=PER_SHARD)
+    stream = _stream(paths, world_size=1, shuffle_buffer=4)
+    iterator = iter(stream)
+    head = _keys(_take(iterator, 10))
+    state = json.loads(json.dumps(stream.state_dict()))
+    done = [paths[s] for s, size, handed, _ in state["position"]["sources"] if handed == [[0, size]]]
+    assert len(done) >= 2
+    for path in done:  # a resumed stream must not even open them (it would count them as corrupt)
+        Path(path).write_bytes(b"overwritten")
+    resumed = _stream(paths, world_size=1, shuffle_buffer=4)
+    resumed.load_state_dict(state)
+    tail = _keys(_epoch_batches(resumed, iter(resumed)))
+    assert sorted(head + tail) == [f"{i:06d}" for i in range(NUM_SAMPLES)] and resumed.bad_counts == {}
+
+
+def test_old_state_format_is_accepted_with_a_warning(shards):
+    old = {"epoch": 0, "batches_in_epoch": 2, "samples_seen": 8, "seed": 5, "rank": 0, "world_size": 2}
+    stream = _stream(shards)
+    with pytest.warns(UserWarning, match="old state format"):
+        stream.load_state_dict(old)
+    assert len(_epoch_batches(stream, iter(stream))) == BATCHES_PER_EPOCH - 2
+    assert stream.samples_seen == (BATCHES_PER_EPOCH + 1) * 4
 
 
 def test_stream_pickles_small_before_and_after_iterating(shards):
@@ -253,6 +568,13 @@ def test_too_few_shards(shards):
         ({"num_workers": -1}, "num_workers"),
         ({"seed": -1}, "seed"),
         ({"shuffle_buffer": -1}, "shuffle_buffer"),
+        ({"mode": "bogus"}, "mode"),
+        ({"latent_shape": (4, 8)}, "latent_shape"),
+        ({"latent_dtype": "int8"}, "latent_dtype"),
+        ({"max_bad_fraction": 1.5}, "max_bad_fraction"),
+        ({"min_samples_for_bad_check": -1}, "min_samples_for_bad_check"),
+        ({"bucketing": True, "bucket_step": 0}, "bucket_step"),
+        ({"bucketing": True, "bucket_step": 32}, "bucket_step"),
     ],
 )
 def test_bad_arguments(shards, overrides, message):
