@@ -313,7 +313,8 @@ def _check_shape(ok: bool, name: str, shape: tuple[int, ...], expected: str) -> 
 
 
 def _latents(sample: dict[str, Any], spec: DecodeSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, logvar) as float32; logvar is zeros for a sample with a single ``latent.npy``."""
+    """(mean, logvar) as float32. A single ``latent.npy`` is an already-drawn sample: its logvar is
+    -inf (zero variance), so the trainer's mean + exp(logvar / 2) * eps returns it unchanged."""
     if "latent_mean.npy" in sample and "latent_logvar.npy" in sample:
         names = ("latent_mean.npy", "latent_logvar.npy")
     elif "latent.npy" in sample:
@@ -330,7 +331,7 @@ def _latents(sample: dict[str, Any], spec: DecodeSpec) -> tuple[np.ndarray, np.n
     if len(arrays) == 2 and arrays[0].shape != arrays[1].shape:
         _check_shape(False, names[1], arrays[1].shape, f"{arrays[0].shape} like {names[0]}")
     mean = arrays[0].astype(np.float32)
-    logvar = arrays[1].astype(np.float32) if len(arrays) == 2 else np.zeros_like(mean)
+    logvar = arrays[1].astype(np.float32) if len(arrays) == 2 else np.full_like(mean, -np.inf)
     return mean, logvar
 
 

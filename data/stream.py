@@ -605,7 +605,7 @@ class ShardStream:
 
     Latent batches (shards of ``latent_mean.npy`` + ``latent_logvar.npy`` or ``latent.npy``)::
 
-        {"latent_mean": (B, C, h, w) float32, "latent_logvar": (B, C, h, w) float32 (zeros for latent.npy),
+        {"latent_mean": (B, C, h, w) float32, "latent_logvar": (B, C, h, w) float32 (-inf for latent.npy),
          "encoder_hidden_states": (B, T, D) float32, "encoder_attention_mask": (B, T) long  [with text.npy],
          "pooled": (B, D) float32  [with pooled.npy],
          "caption", "class_label", "key", "original_size", "crop_coords"  (as above)}

@@ -70,8 +70,9 @@ def train(recipe: Recipe):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from data.builder import ensure_toy_dataset
+    from data.builder import check_source, ensure_toy_dataset
     from trainers.entry import train_func
+    from trainers.models.presets import preset_conditioning
 
     run_dir = run_dir_for(recipe)
     if recipe.train.resume == "never" and has_checkpoints(run_dir):
@@ -81,6 +82,9 @@ def train(recipe: Recipe):
         )
     if recipe.data.source == "toy":
         ensure_toy_dataset(recipe.data)  # once here, so the workers find it ready
+    check_source(
+        recipe.data, recipe.vae, recipe.text_encoder.path, preset_conditioning(recipe.model.name) == "text"
+    )
     run_id = run_identity(recipe, run_dir)
     init_ray(recipe)
     cluster = recipe.cluster

@@ -143,6 +143,8 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         "must be a multiple of 8 and >= 8",
     )
     _check(data.toy_samples >= 1, source, "data.toy_samples", "must be >= 1")
+    _choice(data.mode, schema.DATA_MODES, source, "data.mode")
+    _check(0 <= data.max_bad_fraction <= 1, source, "data.max_bad_fraction", "must be in [0, 1]")
 
     optim = recipe.optim
     _check(optim.lr > 0, source, "optim.lr", "must be > 0")

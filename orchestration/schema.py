@@ -17,6 +17,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LR_DECAYS = ("constant", "linear", "cosine")
 SAMPLERS = ("default", "ddpm", "ddim", "euler")
 TRACKING_MODES = ("auto", "online", "offline", "disabled")
+DATA_MODES = ("epoch", "resampled")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -61,7 +62,8 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     source: str = "toy"
-    """'toy' (procedural shapes made on first run) or a shard spec: dir, brace pattern or fsspec URL."""
+    """'toy' (procedural shapes made on first run) or shards: dir, brace pattern, glob or s3:// prefix.
+    Image shards (jpg/png/webp + txt/cls) or latent shards from `nuance data precompute`."""
     image_size: int = 32
     batch_size: int = 16
     """Micro batch per worker."""
@@ -69,6 +71,16 @@ class DataConfig:
     """DataLoader worker processes per training worker."""
     shuffle_buffer: int = 256
     random_flip: bool = True
+    random_crop: bool = True
+    """Random (else center) crop after resizing the shorter side."""
+    bucketing: bool = False
+    """Aspect-ratio buckets of area ~image_size^2 (SDXL-style); a batch holds one bucket."""
+    mode: str = "epoch"
+    """epoch (every sample once per epoch, exact resume) | resampled (shards drawn with replacement)."""
+    require_caption: bool = False
+    """Count samples without a caption as bad data instead of training on an empty caption."""
+    max_bad_fraction: float = 0.05
+    """Fail the run when more than this fraction of samples is bad (corrupt, undecodable, wrong shape)."""
     toy_samples: int = 2048
     cache_dir: str = "~/.cache/nuance"
     """Where the toy dataset is written."""
@@ -143,7 +155,7 @@ class ClusterConfig:
     max_failures: int = 0
     """Worker-group restarts Ray may do before the run fails (each resumes from the last checkpoint)."""
     placement_strategy: str = "PACK"
-    """Ray placement of the workers: PACK | SPREAD (one per node if possible) | STRICT_PACK | STRICT_SPREAD."""
+    """Ray placement of workers: PACK | SPREAD (one per node if possible) | STRICT_PACK | STRICT_SPREAD."""
 
 
 @dataclass

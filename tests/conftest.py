@@ -37,3 +37,13 @@ def nuance_cli() -> list[str]:
 def toy_cache(tmp_path_factory) -> Path:
     """One toy-dataset cache for the whole session (several runs share it)."""
     return tmp_path_factory.mktemp("toy-cache")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """An in-process local Ray cluster for one test module (ended with ray.shutdown(), never `ray stop`)."""
+    import ray
+
+    ray.init(num_cpus=4)  # with the dashboard: Ray Train's controller queries the state API
+    yield
+    ray.shutdown()

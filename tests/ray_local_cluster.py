@@ -112,8 +112,8 @@ class LocalRayCluster:
 
     def alive_nodes(self) -> int:
         code = (
-            "import ray; ray.init(address='%s', _node_ip_address='127.0.0.1', logging_level='ERROR');"
-            "print(sum(n['Alive'] for n in ray.nodes()))" % self.gcs_address
+            f"import ray; ray.init(address='{self.gcs_address}', _node_ip_address='127.0.0.1', "
+            "logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
         )
         out = subprocess.run(
             [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60
@@ -150,10 +150,8 @@ class LocalRayCluster:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.procs:  # `ray start --block` forwards SIGTERM; what lingers gets SIGKILL
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -354,8 +354,8 @@ def test_single_latent_without_text_or_json(tmp_path):
         "crop_coords",
     }
     assert batch["latent_mean"].shape == (4, 4, 8, 8) and torch.equal(
-        batch["latent_logvar"], torch.zeros(4, 4, 8, 8)
-    )
+        batch["latent_logvar"], torch.full((4, 4, 8, 8), -torch.inf)
+    )  # an already-drawn sample: zero variance, so mean + exp(logvar / 2) * eps == mean
     assert batch["original_size"].tolist() == [[64, 64]] * 4 and batch["crop_coords"].tolist() == [[0, 0]] * 4
 
 

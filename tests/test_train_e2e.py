@@ -131,15 +131,6 @@ def test_quickstart_cli_trains_samples_and_exports(tmp_path, toy_cache, nuance_c
     torch.testing.assert_close(ours, theirs)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4)  # with the dashboard: Ray Train queries the state API
-    yield
-    ray.shutdown()
-
-
 def small_recipe(tmp_path, toy_cache, name: str, *overrides: str):
     recipe, _ = load_recipe(
         "quickstart",

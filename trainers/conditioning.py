@@ -42,15 +42,27 @@ class Conditioner:
             raise ValueError(f"class labels must be in [0, {self.num_classes}); got {labels.tolist()[:8]}")
         return {"class_labels": labels.long()}
 
-    def from_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+    def from_captions(self, captions: list[str], sizes: dict | None = None) -> dict[str, torch.Tensor]:
         hidden, mask, pooled = self.text_encoder(captions)
+        return self._text_cond(hidden, mask, pooled, sizes)
+
+    def _text_cond(self, hidden, mask, pooled, sizes: dict | None) -> dict[str, torch.Tensor]:
         cond = {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
         if self.uses_time_ids:
-            size = float(self.image_size)
-            # SDXL micro-conditioning: (orig h, orig w, crop top, crop left, target h, target w).
-            time_ids = torch.tensor([size, size, 0.0, 0.0, size, size], device=hidden.device)
-            cond.update(pooled=pooled, time_ids=time_ids.expand(len(captions), 6))
+            cond.update(pooled=pooled, time_ids=self.time_ids(len(hidden), sizes))
         return cond
+
+    def time_ids(self, batch_size: int, sizes: dict | None = None) -> torch.Tensor:
+        """SDXL micro-conditioning (Podell et al. 2023, sec. 2.2): (orig h, orig w, crop top, crop left,
+        target h, target w), from the batch when the stream provides them, else the plain image size."""
+        size = torch.tensor([self.image_size, self.image_size]).expand(batch_size, 2)
+        sizes = sizes or {}
+        parts = [
+            sizes.get("original_size", size),
+            sizes.get("crop_coords", torch.zeros_like(size)),
+            sizes.get("target_size", size),
+        ]
+        return torch.cat([p.float() for p in parts], dim=1)
 
     def training(self, batch: dict, dropout: float) -> dict[str, torch.Tensor]:
         """Condition kwargs for a training batch, with CFG condition dropout."""
@@ -58,10 +70,21 @@ class Conditioner:
             labels = batch["class_label"].clone()
             labels[self._drop_mask(len(labels), dropout)] = self.num_classes
             return self.from_labels(labels)
+        sizes = {k: batch[k] for k in ("original_size", "crop_coords", "target_size") if k in batch}
+        drop = self._drop_mask(len(batch["caption"]), dropout)
+        if "encoder_hidden_states" in batch:  # precomputed text embeddings (latent shards)
+            hidden, mask = batch["encoder_hidden_states"].clone(), batch["encoder_attention_mask"].clone()
+            pooled = batch["pooled"].clone() if "pooled" in batch else hidden.mean(1)
+            if drop.any():
+                null_hidden, null_mask, null_pooled = (
+                    t[0].to(hidden.device) for t in self.text_encoder([""])
+                )
+                hidden[drop], mask[drop], pooled[drop] = null_hidden, null_mask.to(mask.dtype), null_pooled
+            return self._text_cond(hidden, mask, pooled, sizes)
         captions = list(batch["caption"])
-        for i in torch.nonzero(self._drop_mask(len(captions), dropout)).flatten().tolist():
+        for i in torch.nonzero(drop).flatten().tolist():
             captions[i] = ""
-        return self.from_captions(captions)
+        return self.from_captions(captions, sizes)
 
     def null(self, batch_size: int) -> dict[str, torch.Tensor]:
         if self.conditioning == "class":

@@ -31,15 +31,28 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
     comps = build_components(recipe, ctx.device)
     comps.backbone.to(ctx.device)
     objective, conditioner = comps.objective, comps.conditioner
-    stream = build_stream(recipe.data, rank=ctx.rank, world_size=ctx.world_size, seed=recipe.train.seed)
+    latent_shape = comps.latent_shape if recipe.vae != "none" else None
+    stream = build_stream(
+        recipe.data,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=recipe.train.seed,
+        latent_shape=latent_shape,
+    )
     micro, accum = recipe.data.batch_size, recipe.engine.grad_accum
 
+    def to_x0(batch) -> torch.Tensor:
+        if "pixels" in batch:
+            return comps.autoencoder.encode(batch["pixels"].to(ctx.device, non_blocking=True))
+        # Precomputed latents: draw z ~ N(mean, exp(logvar)) with the trainer's RNG (resumable).
+        mean = batch["latent_mean"].to(ctx.device, non_blocking=True)
+        std = torch.exp(0.5 * batch["latent_logvar"].to(ctx.device, non_blocking=True))
+        return mean + std * torch.randn_like(mean)
+
     def loss_fn(model, batch) -> torch.Tensor:
-        x0 = comps.autoencoder.encode(batch["pixels"].to(ctx.device, non_blocking=True))
-        cond = {
-            k: v.to(ctx.device) for k, v in conditioner.training(batch, recipe.objective.cond_dropout).items()
-        }
-        return objective.loss(model, x0, cond)
+        x0 = to_x0(batch)
+        cond = conditioner.training(batch, recipe.objective.cond_dropout)
+        return objective.loss(model, x0, {k: v.to(ctx.device) for k, v in cond.items()})
 
     flops_per_image = None
     if ctx.rank == 0:  # counted on the plain module, before DeepSpeed partitions it
@@ -136,6 +149,8 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
             }
             if flops_per_image and peak:
                 last["mfu"] = flops_per_image * img_s / (peak * ctx.world_size)
+            last["data/bad_fraction"] = stream.bad_fraction
+            last.update({f"data/bad_{reason}": n for reason, n in stream.bad_counts.items()})
             tracker.log(last, step)
             ctx.log(
                 f"step {step}/{recipe.train.max_steps} | loss {loss:.4f} | lr {stats.lr:.2e} | "
