@@ -51,6 +51,7 @@ def save(
     directory: str | Path,
     *,
     engine,
+    extra_engines: dict | None = None,
     ema: EMA | None,
     data_state: dict,
     meta: dict,
@@ -60,6 +61,8 @@ def save(
     """Write this rank's part of a checkpoint into `directory`."""
     directory = Path(directory)
     engine.save(str(directory / "deepspeed"))
+    for name, other in (extra_engines or {}).items():  # e.g. a GAN discriminator: its own DeepSpeed state
+        other.save(str(directory / f"deepspeed_{name}"))
     faults.maybe_kill("save", meta["step"], rank)  # tests: a worker dies halfway through a save
     if ema is not None and (ema.partitioned or rank == 0):
         torch.save(ema.state_dict(), _rank_file(directory, "ema", rank, ".pt"))
@@ -80,7 +83,15 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
-def load(directory: str | Path, *, engine, ema: EMA | None, rank: int, world_size: int) -> tuple[dict, dict]:
+def load(
+    directory: str | Path,
+    *,
+    engine,
+    ema: EMA | None,
+    rank: int,
+    world_size: int,
+    extra_engines: dict | None = None,
+) -> tuple[dict, dict]:
     """Restore this rank's state; returns (meta, data_state)."""
     directory = Path(directory)
     meta = read_meta(directory)
@@ -90,6 +101,8 @@ def load(directory: str | Path, *, engine, ema: EMA | None, rank: int, world_siz
             f"{world_size}: set cluster.num_workers={meta['world_size']} to resume it"
         )
     engine.load(str(directory / "deepspeed"))
+    for name, other in (extra_engines or {}).items():
+        other.load(str(directory / f"deepspeed_{name}"))
     if ema is not None:
         ema_rank = rank if ema.partitioned else 0
         ema_file = directory / "ema" / f"rank{ema_rank:05d}.pt"

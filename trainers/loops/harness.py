@@ -1,0 +1,243 @@
+"""What every recipe kind's loop shares: the data stream, resume, per-step bookkeeping (key audit,
+metrics, W&B, NaN guard), sample grids and checkpoints. A loop module only builds its models and
+engines and says what one optimizer step is; `Harness.end_step` does the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+import time
+
+import torch
+
+from data.builder import build_stream
+from orchestration.recipe import recipe_to_dict, recipe_to_yaml
+from orchestration.schema import Recipe
+from trainers import checkpoint
+from trainers.components import Components
+from trainers.context import RunContext
+from trainers.ema import EMA
+from trainers.engine import StepStats, TrainEngine, global_batch_size
+from trainers.sampling import generate, save_grid
+from trainers.tracking import Tracker, peak_flops, train_flops_per_sample, zero_grads
+
+
+class Harness:
+    def __init__(self, recipe: Recipe, ctx: RunContext, comps: Components):
+        self.recipe, self.ctx, self.comps = recipe, ctx, comps
+        self.latent_shape = comps.latent_shape if recipe.vae != "none" else None
+        self.stream = build_stream(
+            recipe.data,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            seed=recipe.train.seed,
+            latent_shape=self.latent_shape,
+        )
+        self.key_log = ctx.open_rank_file("keys", "jsonl") if recipe.data.log_keys else None
+        self.tracker: Tracker | None = None
+        self.flops_per_image: float | None = None
+        self.last: dict = {}
+        self._batches = None
+        self._window = (time.perf_counter(), 0.0, 0)  # (start, data wait, steps)
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def to_x0(self, batch: dict) -> torch.Tensor:
+        """Clean latents of a batch: VAE-encoded pixels, or z ~ N(mean, exp(logvar)) from precomputed
+        latents (drawn with the trainer's RNG, so a resume reproduces it)."""
+        device = self.ctx.device
+        if "pixels" in batch:
+            return self.comps.autoencoder.encode(batch["pixels"].to(device, non_blocking=True))
+        mean = batch["latent_mean"].to(device, non_blocking=True)
+        std = torch.exp(0.5 * batch["latent_logvar"].to(device, non_blocking=True))
+        return mean + std * torch.randn_like(mean)
+
+    def cond(self, batch: dict, dropout: float | None = None) -> dict[str, torch.Tensor]:
+        """Training condition kwargs on the device, with CFG condition dropout."""
+        p = self.recipe.objective.cond_dropout if dropout is None else dropout
+        return {k: v.to(self.ctx.device) for k, v in self.comps.conditioner.training(batch, p).items()}
+
+    def count_flops(self, loss_of_batch) -> None:
+        """FLOPs per image of one forward+backward (rank 0, on the plain modules, before DeepSpeed)."""
+        if self.ctx.rank != 0:
+            return
+        example = next(
+            iter(
+                build_stream(
+                    self.recipe.data,
+                    rank=0,
+                    world_size=1,
+                    seed=self.recipe.train.seed,
+                    num_workers=0,
+                    latent_shape=self.latent_shape,
+                )
+            )
+        )
+        rng = torch.get_rng_state()
+        self.flops_per_image = train_flops_per_sample(
+            lambda: loss_of_batch(example), self.recipe.data.batch_size
+        )
+        torch.set_rng_state(rng)
+        zero_grads(self.comps.backbone)
+
+    # -- state ------------------------------------------------------------------------------------
+    def resume(self, engine: TrainEngine, ema: EMA | None, extra_engines: dict | None = None) -> int:
+        """Load the checkpoint to resume from (if any) and start tracking; returns the step reached."""
+        step = 0
+        if self.ctx.resume_from:
+            meta, data_state = checkpoint.load(
+                self.ctx.resume_from,
+                engine=engine,
+                ema=ema,
+                rank=self.ctx.rank,
+                world_size=self.ctx.world_size,
+                extra_engines=extra_engines,
+            )
+            self.stream.load_state_dict(data_state)
+            step = meta["step"]
+            self.ctx.log(f"resumed from {self.ctx.resume_from} at step {step}")
+        self.tracker = Tracker(
+            self.recipe.tracking,
+            run_name=self.recipe.name,
+            run_id=self.ctx.run_id,
+            run_dir=self.ctx.run_dir,
+            config=recipe_to_dict(self.recipe),
+            enabled=self.ctx.rank == 0,
+        )
+        self._batches = iter(self.stream)
+        self._window = (time.perf_counter(), 0.0, 0)
+        return step
+
+    def next_batches(self, count: int | None = None) -> list[dict]:
+        """The micro batches of one optimizer step (default: engine.grad_accum of them)."""
+        t0 = time.perf_counter()
+        batches = [next(self._batches) for _ in range(count or self.recipe.engine.grad_accum)]
+        start, waited, steps = self._window
+        self._window = (start, waited + time.perf_counter() - t0, steps)
+        return batches
+
+    def _save(self, step: int, engine: TrainEngine, ema: EMA | None, extra_engines: dict | None) -> None:
+        meta = {
+            "step": step,
+            "world_size": self.ctx.world_size,
+            "zero_stage": self.recipe.engine.zero_stage,
+            "run_id": self.ctx.run_id,
+            "kind": self.recipe.kind,
+        }
+        with tempfile.TemporaryDirectory(prefix="nuance-ckpt-") as tmp:
+            checkpoint.save(
+                tmp,
+                engine=engine,
+                extra_engines=extra_engines,
+                ema=ema,
+                data_state=self.stream.state_dict(),
+                meta=meta,
+                recipe_yaml=recipe_to_yaml(self.recipe),
+                rank=self.ctx.rank,
+            )
+            self.ctx.report({**self.last, "step": step}, tmp)
+
+    # -- per step ---------------------------------------------------------------------------------
+    def end_step(
+        self,
+        step: int,
+        stats: StepStats,
+        batches: list[dict],
+        *,
+        engine: TrainEngine,
+        ema: EMA | None,
+        extra_engines: dict | None = None,
+        extra_metrics=None,
+    ) -> None:
+        """Bookkeeping after optimizer step `step`: key audit, metrics, sample grid, checkpoint.
+        `extra_metrics` is a callable giving more metrics (read only on log steps: it may sync)."""
+        recipe = self.recipe
+        start, waited, steps = self._window
+        self._window = (start, waited, steps + 1)
+        if self.key_log is not None:
+            self.key_log.write(
+                json.dumps({"step": step, "keys": [k for b in batches for k in b["key"]]}) + "\n"
+            )
+            self.key_log.flush()
+        final = step == recipe.train.max_steps
+        if step % recipe.train.log_every == 0 or final:
+            self._log(step, stats, extra_metrics() if extra_metrics else {})
+        if (recipe.sample.every and step % recipe.sample.every == 0) or final:
+            self.sample_grid(step, engine, ema)
+        if (recipe.train.ckpt_every and step % recipe.train.ckpt_every == 0) or final:
+            self._save(step, engine, ema, extra_engines)
+
+    def _log(self, step: int, stats: StepStats, extra: dict) -> None:
+        recipe = self.recipe
+        loss, grad_norm = stats.as_floats()  # the only host-device sync of a step
+        if not math.isfinite(loss):
+            self.tracker.alert("nuance: loss is not finite", f"run {recipe.name}: loss={loss} at step {step}")
+            raise FloatingPointError(f"loss became {loss} by step {step}; lower optim.lr or check the data")
+        start, waited, steps = self._window
+        elapsed = time.perf_counter() - start
+        img_s = (
+            global_batch_size(recipe.data.batch_size, recipe.engine.grad_accum, self.ctx.world_size) * steps
+        )
+        img_s /= elapsed
+        last = {
+            "loss": loss,
+            "lr": stats.lr,
+            "grad_norm": grad_norm,
+            "img_per_s": img_s,
+            "data_wait_frac": waited / elapsed,
+            **extra,
+        }
+        peak = peak_flops(recipe.tracking)
+        if self.flops_per_image and peak:
+            last["mfu"] = self.flops_per_image * img_s / (peak * self.ctx.world_size)
+        last["data/bad_fraction"] = self.stream.bad_fraction
+        last.update({f"data/bad_{reason}": n for reason, n in self.stream.bad_counts.items()})
+        self.last = last
+        self.tracker.log(last, step)
+        self.ctx.log(
+            f"step {step}/{recipe.train.max_steps} | loss {loss:.4f} | lr {stats.lr:.2e} | "
+            f"gnorm {grad_norm:.3f} | {img_s:.1f} img/s | data {100 * last['data_wait_frac']:.0f}%"
+        )
+        self._window = (time.perf_counter(), 0.0, 0)
+
+    @torch.no_grad()
+    def sample_grid(self, step: int, engine: TrainEngine, ema: EMA | None, steps: int | None = None) -> None:
+        """A sample grid from the (EMA) model; under ZeRO-3 every rank holds a slice, so all take part."""
+        recipe, ctx, comps = self.recipe, self.ctx, self.comps
+        if ctx.rank != 0 and recipe.engine.zero_stage != 3:
+            return
+        smp = recipe.sample
+        engine.module.eval()
+        try:
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                images, titles = generate(
+                    engine.ds,
+                    comps.objective,
+                    comps.conditioner,
+                    comps.autoencoder,
+                    prompts=smp.prompts,
+                    classes=smp.classes,
+                    num_per_condition=smp.num_per_condition,
+                    latent_shape=comps.latent_shape,
+                    steps=steps or smp.steps,
+                    cfg=smp.cfg,
+                    sampler=smp.sampler,
+                    seed=smp.seed,
+                    device=ctx.device,
+                )
+        finally:
+            engine.module.train()
+        if ctx.rank == 0:
+            path = save_grid(
+                images, ctx.run_dir / "samples" / f"step_{step:08d}.png", ncol=smp.num_per_condition
+            )
+            self.tracker.log_image("samples", path, " | ".join(dict.fromkeys(titles)), step)
+            ctx.log(f"sample grid: {path}")
+
+    def finish(self) -> dict:
+        self.tracker.finish()
+        if self.key_log is not None:
+            self.key_log.close()
+        return self.last
