@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-RECIPE_KINDS = ("pretrain",)
+RECIPE_KINDS = ("pretrain", "progressive_distill", "adversarial_distill", "lora")
 OBJECTIVES = ("eps", "v", "x0", "flow")
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -171,6 +171,40 @@ class TrackingConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation recipes (kind progressive_distill / adversarial_distill)."""
+
+    teacher: str | None = None
+    """The teacher: a local diffusers folder of the backbone (e.g. `nuance export` of a checkpoint, the
+    `transformer/` or `unet/` subfolder). The student starts from it unless model.pretrained is set."""
+    teacher_steps: int = 32
+    """Progressive: DDIM steps of the first teacher; each round halves them down to student_steps."""
+    student_steps: int = 4
+    """Sampling steps of the final student."""
+    steps_per_round: int = 200
+    """Progressive: optimizer steps per halving round (train.max_steps = rounds x steps_per_round)."""
+    parameterization: str = "v"
+    """Progressive: the student's output parameterization, v or x0 (Salimans & Ho 2022, sec. 4)."""
+    mse_weight: float = 0.0
+    """Adversarial: weight of the MSE (progressive-distillation) term next to the adversarial loss."""
+    disc_lr: float = 1e-4
+    """Adversarial: learning rate of the discriminator."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA / QLoRA fine-tuning (kind lora) of model.pretrained."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+    """Module names to adapt; empty = the attention and projection layers of the model family."""
+    quantize_base: bool = False
+    """QLoRA: keep the frozen base linear weights in 4-bit NF4 (bitsandbytes)."""
+
+
+@dataclass
 class Recipe:
     name: str = "run"
     """Run name: the run directory and the W&B run name."""
@@ -187,3 +221,5 @@ class Recipe:
     sample: SampleConfig = field(default_factory=SampleConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)

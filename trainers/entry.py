@@ -18,10 +18,17 @@ import torch
 from trainers.engine import ensure_deepspeed_accelerator
 
 
-def _loops() -> dict:
-    from trainers.loops import pretrain
+def _loop(kind: str):
+    """The loop module of a recipe kind (imported lazily: each pulls in only what it needs)."""
+    import importlib
 
-    return {"pretrain": pretrain.run}
+    module = {
+        "pretrain": "pretrain",
+        "progressive_distill": "progressive",
+        "adversarial_distill": "adversarial",
+        "lora": "lora",
+    }[kind]
+    return importlib.import_module(f"trainers.loops.{module}").run
 
 
 def train_func(config: dict) -> None:
@@ -76,7 +83,7 @@ def train_func(config: dict) -> None:
             + "\n"
         )
     try:
-        _loops()[recipe.kind](recipe, ctx)
+        _loop(recipe.kind)(recipe, ctx)
     finally:
         if local_copy:
             shutil.rmtree(local_copy, ignore_errors=True)
