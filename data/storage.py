@@ -540,7 +540,9 @@ def list_urls(prefix_or_pattern: str | os.PathLike) -> list[str]:
             entries = with_retries(f"listing {url}", fs.ls, path.rstrip("/"), detail=True)
         except FileNotFoundError:
             return []
-    return sorted(f"{_scheme(url)}://{e['name']}" for e in entries if e.get("type") == "file")
+    # Keys ending in "/" are directory markers (pyarrow, hence Ray Train, writes them), not files.
+    names = (e["name"] for e in entries if e.get("type") == "file" and not e["name"].endswith("/"))
+    return sorted(f"{_scheme(url)}://{name}" for name in names)
 
 
 # ------------------------------------------------------------------------------------------- webdataset
@@ -562,3 +564,37 @@ def register_webdataset_s3() -> bool:
         return False
     sys.modules["webdataset.gopen"].gopen_schemes["s3"] = _gopen_s3
     return True
+
+
+# ------------------------------------------------------------------------------------------- arrow / folders
+
+
+def arrow_filesystem(url: str | os.PathLike):
+    """(pyarrow filesystem, path) for `url` -- what Ray Train's `storage_filesystem` wants. S3 settings
+    come from the same environment as `filesystem()`; local paths get (None, path)."""
+    url = os.fspath(url)
+    local = local_path(url)
+    if local is not None:
+        return None, os.path.abspath(os.path.expanduser(local))
+    if _scheme(url) != "s3":
+        raise ValueError(f"{url}: only local paths and s3:// are supported as a storage path")
+    from pyarrow import fs as pafs
+
+    env = _s3_env()
+    kwargs: dict[str, Any] = {"region": env["region"] or "us-east-1"}
+    if env["endpoint"]:
+        scheme, _, host = env["endpoint"].partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    if env["key_id"] and env["secret"]:
+        kwargs.update(access_key=env["key_id"], secret_key=env["secret"], session_token=env["token"])
+    return pafs.S3FileSystem(**kwargs), url.split("://", 1)[1].rstrip("/")
+
+
+def get_folder(url: str | os.PathLike, local: str | os.PathLike) -> str:
+    """Download every file under `url` into `local` (same relative layout); returns `local`."""
+    url = os.fspath(url).rstrip("/")
+    for file_url in list_urls(f"{url}/**"):
+        target = os.path.join(os.fspath(local), file_url[len(url) + 1 :])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        get_file(file_url, target)
+    return os.fspath(local)

@@ -11,22 +11,42 @@ from orchestration.recipe import recipe_to_dict
 from orchestration.schema import Recipe
 
 
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def storage_url(recipe: Recipe) -> str:
+    """Where the run's checkpoints go: `storage_path/name` (a local path or s3://)."""
+    base = recipe.cluster.storage_path
+    if is_remote(base):
+        return f"{base.rstrip('/')}/{recipe.name}"
+    return str(Path(os.path.expanduser(base)).resolve() / recipe.name)
+
+
 def run_dir_for(recipe: Recipe) -> Path:
-    return Path(os.path.expanduser(recipe.cluster.storage_path)).resolve() / recipe.name
+    """The local run directory (samples, metrics.jsonl, W&B files): the storage folder itself when it is
+    local, else a local cache folder, since those files are written continuously."""
+    if is_remote(recipe.cluster.storage_path):
+        return Path(os.path.expanduser("~/.cache/nuance/runs")) / recipe.name
+    return Path(storage_url(recipe))
 
 
-def has_checkpoints(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(run_dir.glob("step_*/meta.json"))
+def has_checkpoints(url: str) -> bool:
+    from data import storage
+
+    return bool(storage.list_urls(f"{url}/step_*/meta.json"))
 
 
-def run_identity(recipe: Recipe, run_dir: Path) -> str:
-    """The run's stable id (also its W&B id), created once and kept in run.json across restarts."""
-    path = run_dir / "run.json"
-    if path.is_file():
-        return json.loads(path.read_text())["run_id"]
+def run_identity(recipe: Recipe, url: str) -> str:
+    """The run's stable id (also its W&B id), created once and kept in run.json beside the checkpoints."""
+    from data import storage
+
+    path = f"{url}/run.json"
+    if storage.exists(path):
+        return json.loads(storage.read_bytes(path))["run_id"]
     run_id = f"{recipe.name}-{uuid.uuid4().hex[:8]}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run_id": run_id, "name": recipe.name}))
+    storage.makedirs(url)
+    storage.atomic_write_bytes(path, json.dumps({"run_id": run_id, "name": recipe.name}).encode())
     return run_id
 
 
@@ -70,14 +90,15 @@ def train(recipe: Recipe):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from data import storage
     from data.builder import check_source, ensure_toy_dataset
     from trainers.entry import train_func
     from trainers.models.presets import preset_conditioning
 
-    run_dir = run_dir_for(recipe)
-    if recipe.train.resume == "never" and has_checkpoints(run_dir):
+    run_dir, url = run_dir_for(recipe), storage_url(recipe)
+    if recipe.train.resume == "never" and has_checkpoints(url):
         raise ValueError(
-            f"run '{recipe.name}' already has checkpoints in {run_dir}; set train.resume=auto to "
+            f"run '{recipe.name}' already has checkpoints in {url}; set train.resume=auto to "
             f"continue it, or name=<new name> for a new run"
         )
     if recipe.data.source == "toy":
@@ -85,7 +106,8 @@ def train(recipe: Recipe):
     check_source(
         recipe.data, recipe.vae, recipe.text_encoder.path, preset_conditioning(recipe.model.name) == "text"
     )
-    run_id = run_identity(recipe, run_dir)
+    run_id = run_identity(recipe, url)
+    filesystem, storage_root = storage.arrow_filesystem(url.rsplit("/", 1)[0])
     init_ray(recipe)
     cluster = recipe.cluster
     resources = {"CPU": cluster.cpus_per_worker}
@@ -106,7 +128,8 @@ def train(recipe: Recipe):
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
         run_config=RunConfig(
             name=recipe.name,
-            storage_path=str(run_dir.parent),
+            storage_path=storage_root,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env(recipe)},

@@ -221,6 +221,9 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         bool(recipe.name) and "/" not in recipe.name, source, "name", "must be a non-empty name without '/'"
     )
 
+    if recipe.kind == "lora":
+        _validate_lora(recipe, source)
+
     conditioning = {"dit": "class", "pixart": "text", "unet": "text"}[family]
     if conditioning == "class":
         num_classes = recipe.model.num_classes or PRESETS[recipe.model.name]["num_embeds_ada_norm"]
@@ -230,6 +233,33 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             "sample.classes",
             f"must be class ids in [0, {num_classes}) for model {recipe.model.name}",
         )
+
+
+def _validate_lora(recipe: Recipe, source: str) -> None:
+    """Kind lora: fine-tunes a local base with LoRA (Hu et al. 2021) / QLoRA (Dettmers et al. 2023)."""
+    lora = recipe.lora
+    _check(
+        bool(recipe.model.pretrained),
+        source,
+        "model.pretrained",
+        "is required for kind lora: the local diffusers folder of the base model to fine-tune",
+    )
+    _check(lora.rank >= 1, source, "lora.rank", "must be >= 1")
+    _check(lora.alpha > 0, source, "lora.alpha", "must be > 0 (the update is scaled by alpha / rank)")
+    _check(0 <= lora.dropout < 1, source, "lora.dropout", "must be in [0, 1)")
+    _check(all(lora.target_modules), source, "lora.target_modules", "must not contain empty names")
+    _check(
+        recipe.engine.zero_stage <= 2,
+        source,
+        "engine.zero_stage",
+        "must be 0, 1 or 2 for kind lora: ZeRO-3 would partition the frozen (and 4-bit) base weights",
+    )
+    _check(
+        not lora.quantize_base or recipe.engine.precision in ("fp32", "bf16"),
+        source,
+        "lora.quantize_base",
+        "needs engine.precision fp32 or bf16 (QLoRA computes in bf16 on GPUs, fp32 on CPUs)",
+    )
 
 
 def preflight(recipe: Recipe, source: str = "recipe") -> None:

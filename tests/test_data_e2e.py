@@ -197,3 +197,64 @@ def test_stream_waits_through_s3_restart(tmp_path, toy_cache, s3_server):
         server.stop()
     assert len(keys) == 4 * 128 and len(set(keys)) == len(keys)  # 4 shards x 128 samples, each once
     assert torch.tensor(stream.bad_fraction) == 0
+
+
+def test_checkpoints_on_s3_resume_and_sample(tmp_path, toy_cache, s3_server, s3_bucket, ray_cluster):
+    from orchestration.launch import train
+
+    storage_path = f"{s3_bucket}runs"
+    first = recipe_for(
+        tmp_path,
+        toy_cache,
+        "remote",
+        f"cluster.storage_path={storage_path}",
+        "train.max_steps=2",
+        "optim.decay_steps=4",
+        "model.name=dit_debug",
+        "model.num_classes=12",
+        "sample.classes=[0]",
+    )
+    assert train(first).error is None
+    second = recipe_for(
+        tmp_path,
+        toy_cache,
+        "remote",
+        f"cluster.storage_path={storage_path}",
+        "train.max_steps=4",
+        "optim.decay_steps=4",
+        "model.name=dit_debug",
+        "model.num_classes=12",
+        "sample.classes=[0]",
+    )
+    result = train(second)
+    assert result.error is None
+    from data import storage
+
+    assert storage.exists(f"{storage_path}/remote/step_00000002/meta.json")
+    assert storage.exists(f"{storage_path}/remote/step_00000004/deepspeed/latest")
+    meta = json.loads(storage.read_bytes(f"{storage_path}/remote/step_00000004/meta.json"))
+    assert meta["step"] == 4
+    run_dir = Path("~/.cache/nuance/runs/remote").expanduser()
+    workers = [json.loads(x) for x in (run_dir / "workers" / "rank00000.jsonl").read_text().splitlines()]
+    assert workers[-1]["resume_from"], "the second submission should resume from the S3 checkpoint"
+    out = tmp_path / "png"
+    proc = subprocess.run(
+        [
+            *CLI,
+            "sample",
+            f"{storage_path}/remote/step_00000004",
+            "--class",
+            "3",
+            "--num",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list(out.glob("*.png"))) == 1

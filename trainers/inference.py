@@ -19,10 +19,29 @@ PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 BETA_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
+def local_checkpoint(ckpt_dir: str | Path) -> Path:
+    """A local copy of a checkpoint: itself when local, else downloaded (s3://) into a cache folder."""
+    ckpt = str(ckpt_dir)
+    if "://" not in ckpt or ckpt.startswith("file://"):
+        return Path(ckpt.removeprefix("file://"))
+    import hashlib
+    import os
+
+    from data import storage
+
+    target = (
+        Path(os.path.expanduser("~/.cache/nuance/checkpoints"))
+        / hashlib.sha256(ckpt.encode()).hexdigest()[:16]
+    )
+    if not (target / "meta.json").is_file():
+        storage.get_folder(ckpt, target)
+    return target
+
+
 def load_checkpoint_model(
     ckpt_dir: str | Path, use_ema: bool = True, device: torch.device | str = "cpu"
 ) -> tuple[Recipe, Components]:
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = local_checkpoint(ckpt_dir)
     checkpoint.read_meta(ckpt_dir)
     recipe = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.load(ckpt_dir / "recipe.yaml"))
@@ -120,11 +139,11 @@ def export_diffusers(ckpt_dir: str | Path, out: str | Path, use_ema: bool = True
     if comps.text_encoder is not None:
         comps.text_encoder.model.save_pretrained(out / "text_encoder")
         comps.text_encoder.tokenizer.save_pretrained(out / "tokenizer")
-    shutil.copy(Path(ckpt_dir) / "recipe.yaml", out / "nuance_recipe.yaml")
+    shutil.copy(local_checkpoint(ckpt_dir) / "recipe.yaml", out / "nuance_recipe.yaml")
     (out / "nuance_export.json").write_text(
         json.dumps(
             {
-                "checkpoint": str(Path(ckpt_dir).resolve()),
+                "checkpoint": str(ckpt_dir),
                 "ema": use_ema,
                 "backbone": SUBFOLDER[family],
                 "pixel_space": recipe.vae == "none",

@@ -1,0 +1,116 @@
+"""LoRA / QLoRA fine-tuning of `model.pretrained`: the pretraining step on a frozen base with trainable
+low-rank adapters (Hu et al. 2021), optionally over a 4-bit NF4 base (Dettmers et al. 2023).
+
+Only the adapters reach DeepSpeed's optimizer (TrainEngine hands it the `requires_grad` parameters),
+and only they are checkpointed: the frozen base is `model.pretrained`, fingerprinted in each
+checkpoint's `lora/` folder, which also holds the adapters as stock diffusers / peft load them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+from orchestration.schema import Recipe
+from trainers.components import build_components
+from trainers.context import RunContext, reseed_for_rank, seed_everything
+from trainers.ema import EMA
+from trainers.engine import TrainEngine
+from trainers.lora import (
+    apply_lora,
+    base_fingerprint,
+    check_base,
+    check_quantized_base,
+    compute_dtype,
+    load_adapter_weights,
+    save_lora,
+)
+from trainers.loops.harness import Harness
+
+
+class AdapterEngine(TrainEngine):
+    """A TrainEngine whose checkpoints hold the adapters, their optimizer state and the LR schedule,
+    not the frozen base (GBs for SDXL, and 4-bit NF4 state under QLoRA): the loop rebuilds the base
+    from `model.pretrained` deterministically before loading."""
+
+    def save(self, directory: str, client_state: dict | None = None) -> None:
+        self.ds.save_checkpoint(
+            directory, tag="state", client_state=client_state or {}, exclude_frozen_parameters=True
+        )
+
+    def load(self, directory: str) -> dict:
+        # The saved module state has no base weights: load the adapters only, and insist on all of them.
+        _, client_state = self.ds.load_checkpoint(
+            directory, tag="state", custom_load_fn=lambda src, dst: load_adapter_weights(dst, src)
+        )
+        if client_state is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
+        return client_state
+
+
+def _reporting_adapters(ctx: RunContext, recipe: Recipe, backbone, ema_of) -> RunContext:
+    """`ctx` whose report first writes the adapters (EMA weights when the run keeps an EMA, like sample
+    and export) into the checkpoint's `lora/` on rank 0, so every checkpoint carries a ready LoRA."""
+    info = {
+        "base": str(Path(recipe.model.pretrained).expanduser().resolve()),
+        "base_fingerprint": base_fingerprint(recipe.model.pretrained),
+    }
+    report = ctx.report
+
+    def with_adapters(metrics: dict, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir and ctx.rank == 0:
+            ema = ema_of()
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                weights = {"weights": "ema" if ema is not None else "raw", "step": metrics["step"]}
+                save_lora(backbone, Path(checkpoint_dir) / "lora", info={**info, **weights})
+        report(metrics, checkpoint_dir)
+
+    return dataclasses.replace(ctx, report=with_adapters)
+
+
+def run(recipe: Recipe, ctx: RunContext) -> dict:
+    seed_everything(recipe.train.seed, ctx.rank)
+    if ctx.resume_from:
+        check_base(ctx.resume_from, recipe)
+    comps = build_components(recipe, ctx.device)  # the base: model.pretrained (required for kind lora)
+    comps.backbone.to(ctx.device)
+    dtype = compute_dtype(recipe.engine.precision)
+    # Quantized on the training device, before DeepSpeed sees the module (its .to(device) is then a no-op).
+    adapted = apply_lora(comps.backbone, recipe.lora, dtype=dtype, device=ctx.device)
+    trainable = sum(p.numel() for p in comps.backbone.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in comps.backbone.parameters())
+    ctx.log(
+        f"LoRA r={recipe.lora.rank} alpha={recipe.lora.alpha} on {len(adapted)} modules: "
+        f"{trainable:,} trainable of {total:,} parameters"
+        + (" (NF4 base)" if recipe.lora.quantize_base else "")
+    )
+    ema: EMA | None = None
+    ctx = _reporting_adapters(ctx, recipe, comps.backbone, lambda: ema)
+    h = Harness(recipe, ctx, comps)
+
+    def loss_fn(model, batch):
+        return comps.objective.loss(model, h.to_x0(batch), h.cond(batch))
+
+    h.count_flops(lambda batch: loss_fn(comps.backbone, batch))
+    engine = AdapterEngine(
+        comps.backbone,
+        recipe.engine,
+        recipe.optim,
+        micro_batch=recipe.data.batch_size,
+        world_size=ctx.world_size,
+        total_steps=recipe.optim.decay_steps or recipe.train.max_steps,
+    )
+    if recipe.lora.quantize_base:
+        check_quantized_base(engine.module, dtype)
+    ema = EMA(engine.module, recipe.train.ema_decay) if recipe.train.ema_decay > 0 else None
+    reseed_for_rank(recipe.train.seed, ctx.rank)
+    step = h.resume(engine, ema)
+    while step < recipe.train.max_steps:
+        batches = h.next_batches()
+        stats = engine.train_step(batches, loss_fn)
+        if ema is not None:
+            ema.update()
+        step += 1
+        h.end_step(step, stats, batches, engine=engine, ema=ema)
+    return h.finish()
