@@ -158,6 +158,10 @@ def test_killed_worker_restarts_and_finishes_exactly(cluster, tmp_path, toy_cach
     restarts = workers(run_dir, 1)
     assert len(restarts) == 2 and restarts[1]["resume_from"], "rank 1 should have restarted from a checkpoint"
     assert_exactly_once(run_dir, max_steps)
+    # The restarted attempt continues the same W&B run: one run id (from run.json) for both attempts.
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and {p.name.split("-", 3)[3] for p in attempts} == {run_id}
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(cluster, tmp_path, toy_cache):
