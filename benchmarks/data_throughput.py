@@ -60,8 +60,17 @@ def time_stream(spec: str, kind: str, workers: int, batches: int) -> dict:
     from data.stream import ShardStream
 
     latent_shape = (4, 32, 32) if kind == "latent" else None
-    stream = ShardStream(spec, rank=0, world_size=1, batch_size=64, image_size=256, seed=0, num_workers=workers,
-                         latent_shape=latent_shape, shuffle_buffer=256)
+    stream = ShardStream(
+        spec,
+        rank=0,
+        world_size=1,
+        batch_size=64,
+        image_size=256,
+        seed=0,
+        num_workers=workers,
+        latent_shape=latent_shape,
+        shuffle_buffer=256,
+    )
     it = iter(stream)
     next(it)  # start-up (worker processes, first shard) is not throughput
     t0 = time.perf_counter()
@@ -86,8 +95,10 @@ def main() -> None:
     from data.s3server import SeaweedServer, random_credentials
 
     root = Path(tempfile.mkdtemp(prefix="nuance-databench-"))
-    shards = {"latent": write_shards(root / "latent", "latent", args.latent_shards, args.per_shard),
-              "jpeg": write_shards(root / "jpeg", "jpeg", args.jpeg_shards, args.per_shard // 4)}
+    shards = {
+        "latent": write_shards(root / "latent", "latent", args.latent_shards, args.per_shard),
+        "jpeg": write_shards(root / "jpeg", "jpeg", args.jpeg_shards, args.per_shard // 4),
+    }
     sizes = {k: sum(p.stat().st_size for p in v) / sum(1 for _ in v) for k, v in shards.items()}
     access, secret = random_credentials()
     results = []
@@ -97,7 +108,9 @@ def main() -> None:
             for path in paths:
                 storage.put_file(path, f"s3://bench/{kind}/{path.name}")
         for kind, paths in shards.items():
-            per_sample_mb = sizes[kind] / (args.per_shard if kind == "latent" else args.per_shard // 4) / 2**20
+            per_sample_mb = (
+                sizes[kind] / (args.per_shard if kind == "latent" else args.per_shard // 4) / 2**20
+            )
             for workers in (int(w) for w in args.workers.split(",")):
                 row = {"kind": kind, "workers": workers}
                 for where, spec in (("local", str(paths[0].parent)), ("s3", f"s3://bench/{kind}/")):
@@ -108,11 +121,16 @@ def main() -> None:
                 row["s3_vs_local"] = round(row["s3_samples_s"] / row["local_samples_s"], 3)
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| shards | workers | local samples/s (per worker) | S3 samples/s (per worker) | S3 MB/s | S3 / local |")
+    print(
+        "\n| shards | workers | local samples/s (per worker) | S3 samples/s (per worker) | S3 MB/s "
+        "| S3 / local |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['kind']} | {r['workers']} | {r['local_samples_s']} ({r['local_per_worker']}) | "
-              f"{r['s3_samples_s']} ({r['s3_per_worker']}) | {r['s3_mb_s']} | {r['s3_vs_local']:.2f} |")
+        print(
+            f"| {r['kind']} | {r['workers']} | {r['local_samples_s']} ({r['local_per_worker']}) | "
+            f"{r['s3_samples_s']} ({r['s3_per_worker']}) | {r['s3_mb_s']} | {r['s3_vs_local']:.2f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

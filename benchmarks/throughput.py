@@ -266,8 +266,11 @@ def run_worker(args, config: str, result_path: str) -> None:
         for _ in range(args.breakdown):
             step_phases()
         res["phase_median_ms"] = {k: 1e3 * statistics.median(v) for k, v in phase_times.items()}
-        print(f"[{config}] phases (median ms, synced): "
-              + ", ".join(f"{k} {v:.1f}" for k, v in res["phase_median_ms"].items()), flush=True)
+        print(
+            f"[{config}] phases (median ms, synced): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in res["phase_median_ms"].items()),
+            flush=True,
+        )
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
@@ -393,8 +396,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--port", type=int, default=29512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--breakdown", type=int, default=0,
-                   help="extra steps with a sync after each phase, then a 2-step profile")
+    p.add_argument(
+        "--breakdown",
+        type=int,
+        default=0,
+        help="extra steps with a sync after each phase, then a 2-step profile",
+    )
     p.add_argument(
         "--config-timeout", type=float, default=300.0, help="seconds per config before it is killed"
     )

@@ -117,7 +117,7 @@ def train(recipe: Recipe):
         train_func,
         train_loop_config={
             "recipe": recipe_to_dict(recipe),
-            "run": {"run_id": run_id, "run_dir": str(run_dir)},
+            "run": {"run_id": run_id, "run_dir": str(run_dir), "storage_url": url},
         },
         scaling_config=ScalingConfig(
             num_workers=cluster.num_workers,

@@ -21,6 +21,8 @@ class RunContext:
     """Local directory for samples, metrics.jsonl and the W&B run folder (rank 0 writes)."""
     run_id: str
     """Stable id of the run across restarts (the W&B run id)."""
+    storage_url: str = ""
+    """Where checkpoints go (`storage_path/name`, local or s3://): referenced in W&B."""
     resume_from: str | None = None
     """A local checkpoint directory to continue from."""
     report: Callable[[dict, str | None], None] = field(default=lambda metrics, ckpt_dir: None)

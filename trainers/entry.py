@@ -66,6 +66,7 @@ def train_func(config: dict) -> None:
         device=device,
         run_dir=Path(config["run"]["run_dir"]),
         run_id=config["run"]["run_id"],
+        storage_url=config["run"].get("storage_url", ""),
         resume_from=resume_from,
         report=report,
     )

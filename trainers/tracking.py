@@ -95,6 +95,11 @@ class Tracker:
 
             self.run.log({key: wandb.Image(str(path), caption=caption)}, step=step)
 
+    def note_checkpoint(self, step: int, url: str) -> None:
+        """Reference the latest checkpoint in the W&B run's summary."""
+        if self.run is not None:
+            self.run.summary.update({"checkpoint/latest": url, "checkpoint/step": step})
+
     def alert(self, title: str, text: str) -> None:
         if self.run is not None and self.run.settings.mode == "online":
             self.run.alert(title=title, text=text)

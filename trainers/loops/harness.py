@@ -138,6 +138,8 @@ class Harness:
                 rank=self.ctx.rank,
             )
             self.ctx.report({**self.last, "step": step}, tmp)
+        if self.ctx.storage_url:
+            self.tracker.note_checkpoint(step, f"{self.ctx.storage_url}/step_{step:08d}")
 
     # -- per step ---------------------------------------------------------------------------------
     def end_step(
