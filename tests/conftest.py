@@ -21,6 +21,21 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/nuanc
 os.environ.pop("WANDB_API_KEY", None)
 
 
+def tiny_vae(path: Path, sample_size: int = 32) -> Path:
+    """A tiny random diffusers AutoencoderKL (4 latent channels, downsampling 2) saved to `path`."""
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+    ).save_pretrained(path)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

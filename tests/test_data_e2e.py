@@ -17,6 +17,7 @@ from data.s3server import SeaweedServer, random_credentials
 from data.stream import ShardStream
 from orchestration.recipe import RecipeError, load_recipe, preflight
 from orchestration.schema import DataConfig
+from tests.conftest import tiny_vae
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "orchestration.cli"]
@@ -68,20 +69,6 @@ def test_quickstart_streams_from_s3(tmp_path, toy_cache, s3_server, s3_bucket, r
     config = (tmp_path / "runs" / "s3" / "step_00000004" / "recipe.yaml").read_text()
     secret = s3_server.env()["AWS_SECRET_ACCESS_KEY"]
     assert secret not in config and s3_server.access_key not in config  # credentials never enter the recipe
-
-
-def tiny_vae(path: Path) -> Path:
-    from diffusers import AutoencoderKL
-
-    AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    ).save_pretrained(path)
-    return path
 
 
 def test_shard_precompute_then_train_on_latents(tmp_path, toy_cache, ray_cluster):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from orchestration.schema import ModelConfig, TextEncoderConfig
+from tests.conftest import tiny_vae
 from trainers.conditioning import Conditioner
 from trainers.models.backbone import build_backbone
 from trainers.models.encoders import VAE, TextEncoder, build_autoencoder
@@ -101,16 +102,7 @@ def test_minilm_text_encoder_is_real_and_cached(text_encoder):
 
 
 def test_vae_from_local_folder(tmp_path):
-    from diffusers import AutoencoderKL
-
-    AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    ).save_pretrained(tmp_path / "vae")
+    tiny_vae(tmp_path / "vae", sample_size=16)
     vae = build_autoencoder(str(tmp_path / "vae"))
     assert isinstance(vae, VAE) and vae.downsample == 2 and vae.latent_channels == 4
     latents = vae.encode(torch.rand(2, 3, 16, 16) * 2 - 1)

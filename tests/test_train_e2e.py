@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from orchestration.recipe import load_recipe
+from tests.conftest import tiny_vae
 
 pytestmark = pytest.mark.slow
 
@@ -169,19 +170,12 @@ def test_resume_reproduces_uninterrupted_loss(tmp_path, toy_cache, ray_cluster):
 
 
 def test_zero3_latent_unet_checkpoint_exports_to_diffusers(tmp_path, toy_cache, ray_cluster):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
 
     from orchestration.launch import train
     from trainers.inference import export_diffusers, load_checkpoint_model
 
-    AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    ).save_pretrained(tmp_path / "vae")
+    tiny_vae(tmp_path / "vae", sample_size=32)
     recipe = small_recipe(
         tmp_path,
         toy_cache,
