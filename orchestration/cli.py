@@ -73,7 +73,7 @@ def cmd_sample(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     from trainers.inference import export_diffusers
 
-    out = export_diffusers(ns.checkpoint, ns.out, use_ema=not ns.no_ema)
+    out = export_diffusers(ns.checkpoint, ns.out, use_ema=not ns.no_ema, merge_lora=ns.merge_lora)
     print(f"[nuance] wrote diffusers folder {out}")
     return 0
 
@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.add_argument("--no-ema", action="store_true")
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="LoRA checkpoints: fold the adapters into the backbone (default: base + adapters in lora/)",
+    )
     p.set_defaults(func=cmd_export)
 
     from orchestration.commands import command_modules

@@ -7,7 +7,7 @@ import os
 import uuid
 from pathlib import Path
 
-from orchestration.recipe import recipe_to_dict
+from orchestration.recipe import recipe_to_dict, with_absolute_paths
 from orchestration.schema import Recipe
 
 
@@ -95,6 +95,7 @@ def train(recipe: Recipe):
     from trainers.entry import train_func
     from trainers.models.presets import preset_conditioning
 
+    recipe = with_absolute_paths(recipe)
     run_dir, url = run_dir_for(recipe), storage_url(recipe)
     if recipe.train.resume == "never" and has_checkpoints(url):
         raise ValueError(

@@ -223,6 +223,8 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
 
     if recipe.kind == "lora":
         _validate_lora(recipe, source)
+    if recipe.kind in ("progressive_distill", "adversarial_distill"):
+        _validate_distill(recipe, source)
 
     conditioning = {"dit": "class", "pixart": "text", "unet": "text"}[family]
     if conditioning == "class":
@@ -262,6 +264,77 @@ def _validate_lora(recipe: Recipe, source: str) -> None:
     )
 
 
+def _validate_distill(recipe: Recipe, source: str) -> None:
+    """Kinds progressive_distill (Salimans & Ho 2022) and adversarial_distill (Lin et al. 2024,
+    SDXL-Lightning): the student is a v/x0 DDIM sampler of distill.student_steps steps."""
+    dc, obj, kind = recipe.distill, recipe.objective, recipe.kind
+    _check(
+        bool(dc.teacher),
+        source,
+        "distill.teacher",
+        f"is required for kind {kind}: the local diffusers folder of the teacher backbone",
+    )
+    _choice(dc.parameterization, ("v", "x0"), source, "distill.parameterization")
+    _check(
+        obj.kind == dc.parameterization,
+        source,
+        "objective.kind",
+        f"is '{obj.kind}' but distill.parameterization is '{dc.parameterization}': they must agree, since "
+        "the student is sampled as objective.kind (nuance sample / export read it); the first teacher's "
+        "own parameterization is distill.teacher_prediction",
+    )
+    _choice(dc.teacher_prediction, (None, "eps", "v", "x0"), source, "distill.teacher_prediction")
+    _check(
+        not (dc.teacher_prediction == "eps" and obj.zero_terminal_snr),
+        source,
+        "distill.teacher_prediction",
+        "eps needs objective.zero_terminal_snr=false: an eps teacher has no x0 at alpha_bar = 0 (Lin et al. "
+        "2024); the student's first step starts from pure noise either way",
+    )
+    _choice(dc.weighting, ("truncated_snr", "snr_plus_one"), source, "distill.weighting")
+    _check(dc.student_steps >= 1, source, "distill.student_steps", "must be >= 1")
+    _check(
+        dc.student_steps < dc.teacher_steps <= obj.num_timesteps,
+        source,
+        "distill.teacher_steps",
+        f"must be > distill.student_steps ({dc.student_steps}) and <= objective.num_timesteps "
+        f"({obj.num_timesteps})",
+    )
+    _check(
+        recipe.sample.sampler in ("default", "ddim"),
+        source,
+        "sample.sampler",
+        f"must be default or ddim for kind {kind}: the student is distilled into a deterministic DDIM step",
+    )
+    ratio = dc.teacher_steps // max(dc.student_steps, 1)
+    if kind == "progressive_distill":
+        _check(
+            dc.teacher_steps % dc.student_steps == 0 and ratio & (ratio - 1) == 0,
+            source,
+            "distill.teacher_steps",
+            f"must be distill.student_steps ({dc.student_steps}) times a power of two: each round halves it",
+        )
+        _check(dc.steps_per_round >= 1, source, "distill.steps_per_round", "must be >= 1")
+        rounds = ratio.bit_length() - 1
+        _check(
+            recipe.train.max_steps <= rounds * dc.steps_per_round,
+            source,
+            "train.max_steps",
+            f"is {recipe.train.max_steps}, more than the {rounds} rounds x distill.steps_per_round="
+            f"{dc.steps_per_round} of distilling {dc.teacher_steps} -> {dc.student_steps} steps",
+        )
+    else:
+        _check(
+            dc.teacher_steps % dc.student_steps == 0,
+            source,
+            "distill.teacher_steps",
+            f"must be a multiple of distill.student_steps ({dc.student_steps}): each student step is "
+            "teacher_steps / student_steps teacher DDIM steps",
+        )
+        _check(dc.disc_lr > 0, source, "distill.disc_lr", "must be > 0")
+        _check(dc.mse_weight >= 0, source, "distill.mse_weight", "must be >= 0")
+
+
 def preflight(recipe: Recipe, source: str = "recipe") -> None:
     """Checks of the local paths a recipe names; run by `nuance train` before any worker starts
     (not by `recipe show`, so shipped recipes that name a user's paths still load)."""
@@ -293,6 +366,30 @@ def preflight(recipe: Recipe, source: str = "recipe") -> None:
         "train.resume",
         f"is '{resume}': expected auto, never or an existing checkpoint directory",
     )
+
+
+def _absolute(path: str | None, keep: tuple[str, ...] = ()) -> str | None:
+    if not path or path in keep or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """A copy whose local paths are absolute: Ray Train workers run in their own working directory, and
+    diffusers would read a relative folder name there as a Hub model id."""
+    import copy
+
+    recipe = copy.deepcopy(recipe)
+    recipe.vae = _absolute(recipe.vae, ("none",))
+    recipe.model.pretrained = _absolute(recipe.model.pretrained)
+    recipe.text_encoder.path = _absolute(recipe.text_encoder.path, ("minilm",))
+    recipe.distill.teacher = _absolute(recipe.distill.teacher)
+    recipe.train.resume = _absolute(recipe.train.resume, ("auto", "never"))
+    if not any(ch in recipe.data.source for ch in "{*?"):
+        recipe.data.source = _absolute(recipe.data.source, ("toy",))
+    recipe.data.cache_dir = _absolute(recipe.data.cache_dir)
+    recipe.cluster.storage_path = _absolute(recipe.cluster.storage_path)
+    return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

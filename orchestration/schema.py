@@ -178,13 +178,21 @@ class DistillConfig:
     """The teacher: a local diffusers folder of the backbone (e.g. `nuance export` of a checkpoint, the
     `transformer/` or `unet/` subfolder). The student starts from it unless model.pretrained is set."""
     teacher_steps: int = 32
-    """Progressive: DDIM steps of the first teacher; each round halves them down to student_steps."""
+    """DDIM steps of the (first) teacher. Progressive: each round halves them down to student_steps;
+    adversarial: each student step is learned from teacher_steps / student_steps teacher steps."""
     student_steps: int = 4
     """Sampling steps of the final student."""
     steps_per_round: int = 200
     """Progressive: optimizer steps per halving round (train.max_steps = rounds x steps_per_round)."""
     parameterization: str = "v"
-    """Progressive: the student's output parameterization, v or x0 (Salimans & Ho 2022, sec. 4)."""
+    """The student's output parameterization, v or x0 (Salimans & Ho 2022, sec. 4); must equal
+    objective.kind, which is what `nuance sample` / `export` read from the checkpoint."""
+    teacher_prediction: str | None = None
+    """The first teacher's output parameterization eps | v | x0 (None: objective.kind). Lets a v/x0
+    student distill an eps teacher such as SDXL; later progressive teachers are students (objective.kind)."""
+    weighting: str = "truncated_snr"
+    """x0-space loss weight w(lambda) of Salimans & Ho 2022 sec. 4: truncated_snr (max(SNR, 1)) or
+    snr_plus_one (1 + SNR, the same as an unweighted loss on v)."""
     mse_weight: float = 0.0
     """Adversarial: weight of the MSE (progressive-distillation) term next to the adversarial loss."""
     disc_lr: float = 1e-4
@@ -196,8 +204,11 @@ class LoraConfig:
     """LoRA / QLoRA fine-tuning (kind lora) of model.pretrained."""
 
     rank: int = 8
+    """r: adapters are W0 + (alpha / r) B A with A (r x in) and B (out x r) (Hu et al. 2021, eq. 3)."""
     alpha: float = 8.0
+    """Scale numerator: the update is multiplied by alpha / rank."""
     dropout: float = 0.0
+    """Dropout on the adapters' input during training."""
     target_modules: list[str] = field(default_factory=list)
     """Module names to adapt; empty = the attention and projection layers of the model family."""
     quantize_base: bool = False

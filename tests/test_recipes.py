@@ -121,3 +121,16 @@ def test_cli_bad_recipe_exits_2_with_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("nuance: error:") and "model.nmae" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
+    from orchestration.recipe import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    recipe, _ = load_recipe("quickstart", ["vae=models/vae", "data.source=shards/", "model.pretrained=base"])
+    fixed = with_absolute_paths(recipe)
+    assert fixed.vae == str(tmp_path / "models/vae") and fixed.model.pretrained == str(tmp_path / "base")
+    assert fixed.data.source == str(tmp_path / "shards")
+    assert fixed.text_encoder.path == "minilm" and fixed.train.resume == "auto"  # keywords stay
+    s3, _ = load_recipe("quickstart", ["data.source=s3://b/x/", "cluster.storage_path=s3://b/runs"])
+    assert with_absolute_paths(s3).data.source == "s3://b/x/" and recipe.vae == "models/vae"  # a copy

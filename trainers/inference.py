@@ -46,6 +46,10 @@ def load_checkpoint_model(
     recipe = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.load(ckpt_dir / "recipe.yaml"))
     )
+    if recipe.kind == "lora":  # adapter-only checkpoint: the base is model.pretrained
+        from trainers.lora import load_lora_checkpoint
+
+        return recipe, load_lora_checkpoint(ckpt_dir, recipe, use_ema, device)
     recipe.model.pretrained = None  # the checkpoint holds every weight; build the architecture only
     comps = build_components(recipe, device)
     comps.backbone.load_state_dict(checkpoint.model_state_dict(ckpt_dir, use_ema=use_ema))
@@ -115,14 +119,26 @@ def diffusers_scheduler(recipe: Recipe):
     )
 
 
-def export_diffusers(ckpt_dir: str | Path, out: str | Path, use_ema: bool = True) -> Path:
+def export_diffusers(
+    ckpt_dir: str | Path, out: str | Path, use_ema: bool = True, merge_lora: bool = False
+) -> Path:
     """Write `out/` as diffusers expects: the backbone (`transformer/` or `unet/`), `scheduler/`, `vae/`,
     the text encoder and tokenizer when the model is text-conditional, and `model_index.json` when a stock
-    pipeline fits (DiT + VAE -> DiTPipeline)."""
+    pipeline fits (DiT + VAE -> DiTPipeline).
+
+    A kind-lora checkpoint exports the base backbone plus its adapters in `lora/` (see trainers/lora.py),
+    or with `merge_lora` the backbone with W0 + (alpha/r) B A folded in; a QLoRA base is dequantized."""
     recipe, comps = load_checkpoint_model(ckpt_dir, use_ema)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export target {out} is not empty")
+    lora = None
+    if recipe.kind == "lora":
+        from trainers.lora import export_lora
+
+        lora = export_lora(comps.backbone, out / "lora", merge=merge_lora)  # leaves a plain backbone
+    elif merge_lora:
+        raise ValueError(f"--merge-lora: {ckpt_dir} is a kind {recipe.kind} checkpoint, not kind lora")
     family = comps.backbone.family
     scheduler = diffusers_scheduler(recipe)
     if family == "dit" and recipe.vae != "none":
@@ -148,6 +164,7 @@ def export_diffusers(ckpt_dir: str | Path, out: str | Path, use_ema: bool = True
                 "backbone": SUBFOLDER[family],
                 "pixel_space": recipe.vae == "none",
                 "objective": recipe.objective.kind,
+                "lora": lora,
             },
             indent=1,
         )

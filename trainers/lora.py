@@ -97,7 +97,7 @@ def _nf4_linear(linear: nn.Linear, dtype: torch.dtype, device: torch.device) -> 
         device="meta",  # no throwaway fp32 init of a weight that is replaced below
     )
     q.weight = bnb.nn.Params4bit(
-        linear.weight.data.detach().float().cpu(),
+        linear.weight.data.detach(),  # quantized where it is moved to: no fp32 copy of the model on the GPU
         requires_grad=False,
         compress_statistics=True,
         quant_type="nf4",
@@ -105,6 +105,10 @@ def _nf4_linear(linear: nn.Linear, dtype: torch.dtype, device: torch.device) -> 
     )
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.detach().clone(), requires_grad=False)
+    # On AVX512-BF16 CPUs bitsandbytes repacks the weight at the first eval-mode no-grad forward (a
+    # sample grid) into a bf16 layout whose matmul has no autograd path and whose inverse re-quantizes
+    # the NF4 scales: training after sampling would lose gradients and drift the base. Keep one layout.
+    q.support_avx512bf16_for_cpu = False
     return q.to(device)
 
 
@@ -147,6 +151,7 @@ def check_quantized_base(net: nn.Module, dtype: torch.dtype | None = None) -> in
             continue
         w = module.weight
         ok = isinstance(w, bnb.nn.Params4bit) and w.dtype == torch.uint8 and w.quant_state is not None
+        ok = ok and not getattr(w.quant_state, "packing_format_for_cpu", False)
         if not ok or w.quant_type != "nf4" or (dtype is not None and module.compute_dtype != dtype):
             raise RuntimeError(
                 f"QLoRA base layer {name} lost its NF4 state (weight {type(w).__name__} {w.dtype}, "
@@ -162,14 +167,10 @@ def dequantized(module: nn.Module) -> nn.Module:
         return module
     import bitsandbytes.functional as F
 
-    w, state = module.weight, module.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):  # CPUs with AVX512-BF16 repack for inference
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-        data, state = _convert_weight_packed_for_cpu_inverse(w.data, state)
-    else:
-        data = w.data
-    weight = F.dequantize_4bit(data, state).float()
+    state = module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        raise RuntimeError("4-bit weight in bitsandbytes' CPU inference layout; build it with apply_lora")
+    weight = F.dequantize_4bit(module.weight.data, state).float()
     linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     linear.weight = nn.Parameter(weight, requires_grad=False)
     if module.bias is not None:
@@ -285,7 +286,7 @@ def load_adapter_weights(backbone: Backbone, state: dict[str, torch.Tensor]) -> 
     own = {n: p for n, p in backbone.named_parameters() if p.requires_grad}
     missing = sorted(set(own) - set(state))
     if missing:
-        raise ValueError(f"adapter weights missing from the checkpoint: {missing[:3]} (+{len(missing) - 3})")
+        raise ValueError(f"{len(missing)} adapter weights missing from the checkpoint, e.g. {missing[:2]}")
     with torch.no_grad():
         for name, p in own.items():
             p.copy_(state[name])
@@ -373,7 +374,6 @@ def load_lora_checkpoint(
         )
     check_base(ckpt_dir, recipe)
     comps = build_components(recipe, device)
-    comps.backbone.to(device)
     apply_lora(comps.backbone, recipe.lora, dtype=torch.float32, device=device)
     load_adapter_weights(comps.backbone, checkpoint.model_state_dict(ckpt_dir, use_ema=use_ema))
     comps.backbone.eval()

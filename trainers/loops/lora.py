@@ -17,6 +17,7 @@ from trainers.components import build_components
 from trainers.context import RunContext, reseed_for_rank, seed_everything
 from trainers.ema import EMA
 from trainers.engine import TrainEngine
+from trainers.loops.harness import Harness
 from trainers.lora import (
     apply_lora,
     base_fingerprint,
@@ -26,7 +27,6 @@ from trainers.lora import (
     load_adapter_weights,
     save_lora,
 )
-from trainers.loops.harness import Harness
 
 
 class AdapterEngine(TrainEngine):
@@ -70,13 +70,14 @@ def _reporting_adapters(ctx: RunContext, recipe: Recipe, backbone, ema_of) -> Ru
 
 
 def run(recipe: Recipe, ctx: RunContext) -> dict:
+    """Fine-tune the adapters of `model.pretrained` for train.max_steps optimizer steps (resuming)."""
     seed_everything(recipe.train.seed, ctx.rank)
     if ctx.resume_from:
         check_base(ctx.resume_from, recipe)
     comps = build_components(recipe, ctx.device)  # the base: model.pretrained (required for kind lora)
-    comps.backbone.to(ctx.device)
     dtype = compute_dtype(recipe.engine.precision)
-    # Quantized on the training device, before DeepSpeed sees the module (its .to(device) is then a no-op).
+    # The base moves to the device layer by layer as it is quantized (QLoRA never holds the full-precision
+    # model there), before DeepSpeed sees the module, whose own .to(device) is then a no-op.
     adapted = apply_lora(comps.backbone, recipe.lora, dtype=dtype, device=ctx.device)
     trainable = sum(p.numel() for p in comps.backbone.parameters() if p.requires_grad)
     total = sum(p.numel() for p in comps.backbone.parameters())
