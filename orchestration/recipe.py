@@ -359,6 +359,13 @@ def preflight(recipe: Recipe, source: str = "recipe") -> None:
             "text_encoder.path",
             f"is '{recipe.text_encoder.path}': expected 'minilm' or a local CLIP/T5 folder",
         )
+    if recipe.distill.teacher and recipe.kind.endswith("_distill"):
+        _check(
+            Path(os.path.expanduser(recipe.distill.teacher)).is_dir(),
+            source,
+            "distill.teacher",
+            f"is '{recipe.distill.teacher}': not a local diffusers folder",
+        )
     resume = recipe.train.resume
     _check(
         resume in ("auto", "never") or Path(os.path.expanduser(resume)).is_dir(),

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.s3_fixtures"]  # one SeaweedFS S3 server per session (started on first use)
+pytest_plugins = [
+    "tests.s3_fixtures",
+    "tests.distill_fixtures",
+]  # one SeaweedFS S3 server per session (started on first use)
 
 REPO = Path(__file__).resolve().parents[1]
 
