@@ -25,10 +25,8 @@ import torch
 from orchestration.schema import Recipe
 from trainers import distill
 from trainers.components import build_components
-from trainers.context import RunContext, reseed_for_rank, seed_everything
+from trainers.context import RunContext, seed_everything
 from trainers.discriminator import Discriminator, discriminator_loss, generator_loss
-from trainers.ema import EMA
-from trainers.engine import TrainEngine
 
 
 def run(recipe: Recipe, ctx: RunContext) -> dict:
@@ -83,26 +81,10 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
             return generator_loss(disc(tr["z_t"], tr["z_s_hat"], tr["t"].float(), tr["s"].float(), **cond))
 
     h.count_flops(flops_pass)
-    engine = TrainEngine(
-        comps.backbone,
-        recipe.engine,
-        recipe.optim,
-        micro_batch=recipe.data.batch_size,
-        world_size=ctx.world_size,
-        total_steps=recipe.optim.decay_steps or recipe.train.max_steps,
-    )
-    disc_engine = TrainEngine(
-        disc,
-        recipe.engine,
-        replace(recipe.optim, lr=dc.disc_lr),
-        micro_batch=recipe.data.batch_size,
-        world_size=ctx.world_size,
-        total_steps=recipe.optim.decay_steps or recipe.train.max_steps,
-    )
-    ema = EMA(engine.module, recipe.train.ema_decay) if recipe.train.ema_decay > 0 else None
-    reseed_for_rank(recipe.train.seed, ctx.rank)
+    engine = h.engine(comps.backbone)
+    disc_engine = h.engine(disc, optim=replace(recipe.optim, lr=dc.disc_lr))
     extra = {"discriminator": disc_engine}
-    step = h.resume(engine, ema, extra_engines=extra)
+    ema, step = h.start(engine, extra)
 
     def metrics() -> dict:
         out = {f"distill/{k}": float(last[k]) for k in ("d_loss", "p_real", "p_fake")}

@@ -15,10 +15,10 @@ import torch
 
 from data.builder import build_stream
 from orchestration.recipe import recipe_to_dict, recipe_to_yaml
-from orchestration.schema import Recipe
+from orchestration.schema import OptimConfig, Recipe
 from trainers import checkpoint
 from trainers.components import Components
-from trainers.context import RunContext
+from trainers.context import RunContext, reseed_for_rank
 from trainers.ema import EMA
 from trainers.engine import StepStats, TrainEngine, global_batch_size
 from trainers.sampling import generate, save_grid
@@ -82,7 +82,32 @@ class Harness:
         torch.set_rng_state(rng)
         zero_grads(self.comps.backbone)
 
-    # -- state ------------------------------------------------------------------------------------
+    # -- engines and state --------------------------------------------------------------------------
+    def engine(
+        self,
+        module: torch.nn.Module,
+        *,
+        engine_cls: type[TrainEngine] = TrainEngine,
+        optim: OptimConfig | None = None,
+    ) -> TrainEngine:
+        """A DeepSpeed engine for `module` from the recipe (`optim` overrides the optimizer slice)."""
+        recipe = self.recipe
+        return engine_cls(
+            module,
+            recipe.engine,
+            optim or recipe.optim,
+            micro_batch=recipe.data.batch_size,
+            world_size=self.ctx.world_size,
+            total_steps=recipe.optim.decay_steps or recipe.train.max_steps,
+        )
+
+    def start(self, engine: TrainEngine, extra_engines: dict | None = None) -> tuple[EMA | None, int]:
+        """EMA of the engine's module, per-rank noise seed, then resume: returns (ema, step reached)."""
+        recipe = self.recipe
+        ema = EMA(engine.module, recipe.train.ema_decay) if recipe.train.ema_decay > 0 else None
+        reseed_for_rank(recipe.train.seed, self.ctx.rank)
+        return ema, self.resume(engine, ema, extra_engines)
+
     def resume(self, engine: TrainEngine, ema: EMA | None, extra_engines: dict | None = None) -> int:
         """Load the checkpoint to resume from (if any) and start tracking; returns the step reached."""
         step = 0

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from orchestration.schema import Recipe
 from trainers.components import build_components
-from trainers.context import RunContext, reseed_for_rank, seed_everything
-from trainers.ema import EMA
-from trainers.engine import TrainEngine
+from trainers.context import RunContext, seed_everything
 from trainers.loops.harness import Harness
 
 
@@ -24,17 +22,8 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
         return comps.objective.loss(model, h.to_x0(batch), h.cond(batch))
 
     h.count_flops(lambda batch: loss_fn(comps.backbone, batch))
-    engine = TrainEngine(
-        comps.backbone,
-        recipe.engine,
-        recipe.optim,
-        micro_batch=recipe.data.batch_size,
-        world_size=ctx.world_size,
-        total_steps=recipe.optim.decay_steps or recipe.train.max_steps,
-    )
-    ema = EMA(engine.module, recipe.train.ema_decay) if recipe.train.ema_decay > 0 else None
-    reseed_for_rank(recipe.train.seed, ctx.rank)
-    step = h.resume(engine, ema)
+    engine = h.engine(comps.backbone)
+    ema, step = h.start(engine)
     while step < recipe.train.max_steps:
         batches = h.next_batches()
         stats = engine.train_step(batches, loss_fn)

@@ -18,9 +18,7 @@ from __future__ import annotations
 from orchestration.schema import Recipe
 from trainers import distill
 from trainers.components import build_components
-from trainers.context import RunContext, reseed_for_rank, seed_everything
-from trainers.ema import EMA
-from trainers.engine import TrainEngine
+from trainers.context import RunContext, seed_everything
 
 
 def run(recipe: Recipe, ctx: RunContext) -> dict:
@@ -49,18 +47,9 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
         return distill.transition_loss(tr, dc.weighting)
 
     h.count_flops(lambda batch: loss_fn(comps.backbone, batch))
-    engine = TrainEngine(
-        comps.backbone,
-        recipe.engine,
-        recipe.optim,
-        micro_batch=recipe.data.batch_size,
-        world_size=ctx.world_size,
-        total_steps=recipe.optim.decay_steps or recipe.train.max_steps,
-    )
-    ema = EMA(engine.module, recipe.train.ema_decay) if recipe.train.ema_decay > 0 else None
-    reseed_for_rank(recipe.train.seed, ctx.rank)
+    engine = h.engine(comps.backbone)
     extra = {"teacher": teacher}  # checkpointed / resumed with the run (trainers.distill.Teacher.save/load)
-    step = h.resume(engine, ema, extra_engines=extra)
+    ema, step = h.start(engine, extra)
 
     def metrics() -> dict:
         return {
