@@ -263,6 +263,17 @@ class Harness:
             self.tracker.log_image("samples", path, " | ".join(dict.fromkeys(titles)), step)
             ctx.log(f"sample grid: {path}")
 
+    def train_loop(self, engine: TrainEngine, ema: EMA | None, step: int, loss_fn) -> dict:
+        """The plain loop of one engine: step from `step` to train.max_steps, then finish."""
+        while step < self.recipe.train.max_steps:
+            batches = self.next_batches()
+            stats = engine.train_step(batches, loss_fn)
+            if ema is not None:
+                ema.update()
+            step += 1
+            self.end_step(step, stats, batches, engine=engine, ema=ema)
+        return self.finish()
+
     def finish(self) -> dict:
         self.tracker.finish()
         if self.key_log is not None:

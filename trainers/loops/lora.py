@@ -98,11 +98,4 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
     if recipe.lora.quantize_base:
         check_quantized_base(engine.module, dtype)
     ema, step = h.start(engine)
-    while step < recipe.train.max_steps:
-        batches = h.next_batches()
-        stats = engine.train_step(batches, loss_fn)
-        if ema is not None:
-            ema.update()
-        step += 1
-        h.end_step(step, stats, batches, engine=engine, ema=ema)
-    return h.finish()
+    return h.train_loop(engine, ema, step, loss_fn)

@@ -24,11 +24,4 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
     h.count_flops(lambda batch: loss_fn(comps.backbone, batch))
     engine = h.engine(comps.backbone)
     ema, step = h.start(engine)
-    while step < recipe.train.max_steps:
-        batches = h.next_batches()
-        stats = engine.train_step(batches, loss_fn)
-        if ema is not None:
-            ema.update()
-        step += 1
-        h.end_step(step, stats, batches, engine=engine, ema=ema)
-    return h.finish()
+    return h.train_loop(engine, ema, step, loss_fn)
