@@ -36,6 +36,10 @@ EOF
   || "${PIP[@]}" "setuptools>=71"
 have diffusers==0.42.1 omegaconf==2.4.0 \
   || "${PIP[@]}" diffusers==0.42.1 omegaconf==2.4.0 hjson pydantic
+have webdataset==1.0.2 braceexpand==0.1.7 \
+  || "${PIP[@]}" webdataset==1.0.2 braceexpand==0.1.7   # data/ (imported by the training loops)
+have peft==0.21.2 bitsandbytes==0.50.2 \
+  || "${PIP[@]}" peft==0.21.2 bitsandbytes==0.50.2   # LoRA / QLoRA (the `finetune` extra)
 have deepspeed==0.19.8 \
   || "${PIP[@]}" --no-build-isolation deepspeed==0.19.8
 have nuance==0.1.0 && "$PY" -c 'import orchestration, trainers, data' 2>/dev/null \
@@ -44,7 +48,7 @@ have nuance==0.1.0 && "$PY" -c 'import orchestration, trainers, data' 2>/dev/nul
 "$PY" - <<'EOF'
 from importlib.metadata import version
 import torch
-names = ["diffusers", "deepspeed", "omegaconf", "pydantic", "huggingface-hub", "safetensors", "nuance"]
+names = ["diffusers", "deepspeed", "peft", "bitsandbytes", "omegaconf", "pydantic", "huggingface-hub", "safetensors", "nuance"]
 print("torch", torch.__version__, "cuda", torch.version.cuda,
       "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
 print(" ".join(f"{n} {version(n)}" for n in names))

@@ -17,6 +17,11 @@ Configs (--configs, comma separated):
   engine_compile  the same with EngineConfig(compile=True) (DeepSpeedEngine.compile -> inductor)
   plain_eager     fp32 weights, torch.autocast(bf16), torch.optim.AdamW(fused=True), clip_grad_norm_(1.0)
   plain_compile   the same with the backbone wrapped in torch.compile
+  lora, qlora, progressive, adversarial
+                  the step of that recipe kind on TrainEngine, like engine_eager (see KindStep); compare
+                  them with engine_eager at the same --zero-stage and batch (full fine-tune = pretraining
+                  step). `resident GiB` = memory allocated between steps (weights, kept gradients,
+                  optimizer state; no activations)
 All configs run the same loss: build_objective("eps").loss(model, x0, cond) on random latents
 x0 ~ N(0, I) of shape (B, 4, S, S); DiT: class labels in [0, 1000); U-Net / PixArt:
 encoder_hidden_states ~ N(0, I) of shape (B, 77, 1024) with an all-ones attention mask.
@@ -27,12 +32,17 @@ GPU (device machine, repo root; `.gpuwheels` carried), exactly as run for benchm
     --json $OUT/dit_xl2.json 2>&1 | tee $OUT/log.txt
   python3 benchmarks/throughput.py --preset unet_sd2 --latent 64 --batch 32 --config-timeout 230 \
     --json $OUT/unet_sd2.json 2>&1 | tee $OUT/log.txt
+Fine-tuning and distillation step costs (issue #5), one call per model:
+  python3 benchmarks/throughput.py --preset dit_xl2 --latent 32 --batch 64 --zero-stage 2 \
+    --configs engine_eager,lora,qlora,progressive,adversarial --json $OUT/kinds_dit.json
+  python3 benchmarks/throughput.py --preset unet_sd2 --latent 64 --batch 16 --zero-stage 2 \
+    --configs engine_eager,lora,qlora,progressive,adversarial --json $OUT/kinds_unet.json
 Add `--configs engine_eager,plain_eager --breakdown 5` for per-phase times (forward / backward /
 optimizer, synced) and a 2-step torch.profiler table.
 
 CPU smoke test (gloo, tiny presets; bf16 autocast on CPU):
   python3 benchmarks/throughput.py --preset dit_debug --latent 8 --batch 2 --warmup 1 --steps 2 \
-    --configs engine_eager,plain_eager
+    --configs engine_eager,plain_eager,lora,qlora,progressive,adversarial
 """
 
 from __future__ import annotations
@@ -55,6 +65,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 ALL_CONFIGS = ("engine_eager", "plain_eager", "plain_compile", "engine_compile")
+# Recipe-kind steps, all on TrainEngine (bf16, --zero-stage) like engine_eager, the pretraining step.
+KIND_CONFIGS = ("lora", "qlora", "progressive", "adversarial")
+CONFIGS = ALL_CONFIGS + KIND_CONFIGS
 TEXT_TOKENS, TEXT_DIM = 77, 1024
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
 
@@ -96,6 +109,99 @@ def _sync(use_cuda: bool):
         torch.cuda.synchronize()
 
 
+class KindStep:
+    """The training step of a recipe kind on the benchmark's random batch, built from the same pieces
+    its loop uses (trainers/loops/*.py) minus the data stream, checkpoints and logging:
+
+      lora / qlora   peft adapters (rank --lora-rank, alpha = rank, the family's default target
+                     modules) on a frozen base, bf16 / NF4 base (trainers.lora.apply_lora); the
+                     pretraining eps loss
+      progressive    Salimans & Ho Algorithm 2: a bf16 frozen teacher (copy of the student) takes 2
+                     DDIM steps per student step (every round costs the same), v-prediction student
+      adversarial    SDXL-Lightning: the teacher takes --adv-teacher-steps / --adv-student-steps DDIM
+                     steps per student step, L_G through the frozen discriminator + the MSE term
+                     (weight 1, as recipes/distill/adversarial_unet_sdxl.yaml), then the discriminator
+                     (a second TrainEngine, encoder = trainable copy of the teacher's) takes its step
+    """
+
+    def __init__(self, args, config: str, model, device):
+        import copy
+
+        import torch
+
+        from trainers import distill
+        from trainers.diffusion import build_objective
+        from trainers.diffusion.objectives import DDPMObjective
+
+        self.config, self.after_step = config, lambda: None
+        self.info: dict = {}
+        if config in ("lora", "qlora"):
+            from orchestration.schema import LoraConfig
+            from trainers.lora import apply_lora, compute_dtype
+
+            cfg = LoraConfig(
+                rank=args.lora_rank, alpha=float(args.lora_rank), quantize_base=config == "qlora"
+            )
+            self.dtype = compute_dtype(args.precision)
+            adapted = apply_lora(model, cfg, dtype=self.dtype, device=device)
+            self.info.update(
+                lora_rank=cfg.rank,
+                lora_modules=len(adapted),
+                trainable_M=sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+            )
+            self.objective = build_objective("eps")
+            self._loss = lambda module, b: self.objective.loss(module, b["x0"], b["cond"])
+            return
+        prediction = "v" if config == "progressive" else "x0"
+        self.objective = build_objective(prediction)
+        frozen_copy = copy.deepcopy(model).to(torch.bfloat16)
+        teacher = distill.Teacher(frozen_copy, DDPMObjective(self.objective.schedule, prediction), rank=0)
+        if config == "progressive":
+            grids = distill.nested_grids(self.objective.schedule, 4, 8)
+
+            def loss(module, b):
+                tr = distill.student_transition(
+                    module, teacher, self.objective, b["x0"], b["cond"], grids, n=2
+                )
+                return distill.transition_loss(tr, "truncated_snr")
+
+            self._loss = loss
+            self.info.update(teacher_passes_per_step=2)
+            return
+        from trainers.discriminator import Discriminator
+        from trainers.loops.adversarial import LightningLosses
+
+        n = args.adv_teacher_steps // args.adv_student_steps
+        grids = distill.nested_grids(self.objective.schedule, args.adv_student_steps, args.adv_teacher_steps)
+        self.disc = Discriminator.from_teacher(teacher.backbone).float()
+        self.losses = LightningLosses(teacher, self.objective, grids, n, 1.0, "truncated_snr")
+        self.disc_module = self.disc  # the plain module until attach() hands it to its engine
+        self._loss = lambda module, b: self.losses.generator(module, self.disc_module, b["x0"], b["cond"])
+        self.info.update(
+            teacher_passes_per_step=n,
+            disc_params_M=sum(p.numel() for p in self.disc.parameters()) / 1e6,
+        )
+
+    def loss(self, module, b):
+        return self._loss(module, b)
+
+    def reset(self) -> None:
+        """Drop what the FLOP-counting pass left (the adversarial pending transitions)."""
+        if self.config == "adversarial":
+            self.losses.pending.clear()
+
+    def attach(self, engine, make_engine) -> None:
+        """After the student's engine exists: QLoRA's NF4 check; the discriminator's own engine."""
+        if self.config == "qlora":
+            from trainers.lora import check_quantized_base
+
+            self.info["nf4_layers"] = check_quantized_base(engine.module, self.dtype)
+        if self.config == "adversarial":
+            disc_engine = make_engine(self.disc, lr=1e-5)
+            self.disc_module = disc_engine.module
+            self.after_step = lambda: self.losses.discriminator_step(disc_engine)
+
+
 def run_worker(args, config: str, result_path: str) -> None:
     import torch
 
@@ -107,7 +213,7 @@ def run_worker(args, config: str, result_path: str) -> None:
 
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-    _init_dist(args.port + ALL_CONFIGS.index(config), use_cuda)
+    _init_dist(args.port + CONFIGS.index(config), use_cuda)
     torch.manual_seed(args.seed)
     res: dict = {
         "config": config,
@@ -128,42 +234,56 @@ def run_worker(args, config: str, result_path: str) -> None:
     family = preset_family(args.preset)
     cond_dim = None if family == "dit" else TEXT_DIM
     t0 = time.perf_counter()
-    with torch.device(device):  # initialise directly on the device (random weights; init cost only)
+    # Initialise directly on the device (random weights; init cost only); QLoRA's base is built on the
+    # CPU and quantized layer by layer onto the device, as the lora loop does.
+    with torch.device("cpu" if config == "qlora" else device):
         model = build_backbone(
             ModelConfig(name=args.preset), in_channels=4, sample_size=args.latent, cond_dim=cond_dim
         )
     res["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
     res["build_s"] = time.perf_counter() - t0
-    objective = build_objective("eps")
     batch = _make_inputs(family, args.batch, args.latent, device)
+    kind = KindStep(args, config, model, device) if config in KIND_CONFIGS else None
+    objective = build_objective("eps")
+
+    def loss_fn(module, b):
+        if kind:
+            return kind.loss(module, b)
+        return objective.loss(module, b["x0"], b["cond"])
 
     # FLOPs per image: forward+backward of the same loss on a small batch, fp32 weights + bf16 autocast
-    # (the op set is the same for the engine's bf16 weights; FlopCounterMode counts by shape).
+    # (the op set is the same for the engine's bf16 weights; FlopCounterMode counts by shape). LoRA: no
+    # weight gradients of the frozen base; distillation: the teacher's forwards are included.
     small = _make_inputs(family, args.flops_batch, args.latent, device)
 
     def small_loss():
         with torch.autocast(autocast_dev, torch.bfloat16):
-            return objective.loss(model, small["x0"], small["cond"])
+            return loss_fn(model, small)
 
     res["gflop_per_img"] = train_flops_per_sample(small_loss, args.flops_batch) / 1e9
     zero_grads(model)
+    if kind:
+        kind.reset()
 
-    def loss_fn(module, b):
-        return objective.loss(module, b["x0"], b["cond"])
-
-    if config.startswith("engine"):
+    if config.startswith("engine") or kind:
         from trainers.engine import TrainEngine
 
-        engine = TrainEngine(
-            model,
-            EngineConfig(
-                zero_stage=args.zero_stage, precision=args.precision, compile=config == "engine_compile"
-            ),
-            OptimConfig(lr=1e-4, grad_clip=args.grad_clip),
-            micro_batch=args.batch,
-            world_size=1,
-            total_steps=10_000,
-        )
+        def make_engine(module, lr=1e-4):
+            return TrainEngine(
+                module,
+                EngineConfig(
+                    zero_stage=args.zero_stage, precision=args.precision, compile=config == "engine_compile"
+                ),
+                OptimConfig(lr=lr, grad_clip=args.grad_clip),
+                micro_batch=args.batch,
+                world_size=1,
+                total_steps=10_000,
+            )
+
+        engine = make_engine(model)
+        if kind:
+            kind.attach(engine, make_engine)
+            res.update(kind.info)
         res["ds_optimizer"] = type(engine.optimizer).__name__
         inner = getattr(engine.optimizer, "optimizer", None)
         res["inner_optimizer"] = type(inner).__name__ if inner is not None else None
@@ -181,7 +301,10 @@ def run_worker(args, config: str, result_path: str) -> None:
         )
 
         def step():
-            return engine.train_step([batch], loss_fn).loss
+            stats = engine.train_step([batch], loss_fn)
+            if kind:
+                kind.after_step()
+            return stats.loss
 
         def step_phases():  # engine.train_step's body, with a sync after every phase
             loss = timed("fwd", lambda: loss_fn(engine.ds, batch))
@@ -243,7 +366,8 @@ def run_worker(args, config: str, result_path: str) -> None:
         warm.append(time.perf_counter() - t0)
         print(f"[{config}] warm-up step {len(warm)}: {warm[-1]:.2f} s loss {float(loss):.4f}", flush=True)
     res["warmup_step_s"] = warm
-    if use_cuda:
+    if use_cuda:  # between steps: weights, gradients kept, optimizer state (no activations)
+        res["resident_gib"] = torch.cuda.memory_allocated() / 2**30
         res["peak_all_gib"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -262,7 +386,7 @@ def run_worker(args, config: str, result_path: str) -> None:
         res["peak_timed_gib"] = torch.cuda.max_memory_allocated() / 2**30
         res["peak_all_gib"] = max(res["peak_all_gib"], res["peak_timed_gib"])
     res["mfu"] = res["gflop_per_img"] * 1e9 * res["img_s"] / (peak_tflops * 1e12)
-    if args.breakdown:
+    if args.breakdown and not kind:
         for _ in range(args.breakdown):
             step_phases()
         res["phase_median_ms"] = {k: 1e3 * statistics.median(v) for k, v in phase_times.items()}
@@ -363,19 +487,21 @@ def run_config(args, config: str) -> dict:
 
 def table(results: list[dict], model: str) -> str:
     rows = [
-        "| model | config | img/s | peak GiB (timed / all) | GFLOP/img | MFU | first step s | optimizer |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| model | config | img/s | peak GiB (timed / all) | resident GiB | GFLOP/img | MFU | first step s "
+        "| optimizer |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         if not r.get("ok"):
             why = "timed out" if r.get("timed_out") else f"failed (rc {r.get('returncode')})"
-            rows.append(f"| {model} | {r['config']} | {why} after {r['wall_s']:.0f} s | | | | | |")
+            rows.append(f"| {model} | {r['config']} | {why} after {r['wall_s']:.0f} s | | | | | | |")
             continue
         peak = f"{r['peak_timed_gib']:.1f} / {r['peak_all_gib']:.1f}" if "peak_timed_gib" in r else "-"
+        resident = f"{r['resident_gib']:.1f}" if "resident_gib" in r else "-"
         opt = r.get("ds_optimizer") or "torch AdamW(fused)"
         rows.append(
-            f"| {model} | {r['config']} | {r['img_s']:.1f} | {peak} | {r['gflop_per_img']:.1f} | "
-            f"{100 * r['mfu']:.1f}% | {r['warmup_step_s'][0]:.1f} | {opt} |"
+            f"| {model} | {r['config']} | {r['img_s']:.1f} | {peak} | {resident} | "
+            f"{r['gflop_per_img']:.1f} | {100 * r['mfu']:.1f}% | {r['warmup_step_s'][0]:.1f} | {opt} |"
         )
     return "\n".join(rows)
 
@@ -391,6 +517,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--flops-batch", type=int, default=4)
     p.add_argument("--zero-stage", type=int, default=1)
+    p.add_argument("--lora-rank", type=int, default=32, help="lora / qlora configs")
+    p.add_argument("--adv-teacher-steps", type=int, default=32, help="adversarial config")
+    p.add_argument("--adv-student-steps", type=int, default=4, help="adversarial config")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--peak-tflops", type=float, default=None)
@@ -422,9 +551,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args.argv = [a for a in argv]
     configs = [c for c in args.configs.split(",") if c]
-    unknown = set(configs) - set(ALL_CONFIGS)
+    unknown = set(configs) - set(CONFIGS)
     if unknown:
-        p.error(f"unknown configs {sorted(unknown)}; choose from {ALL_CONFIGS}")
+        p.error(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
     results = []
     for config in configs:
         print(f"=== {args.preset} latent {args.latent} batch {args.batch}: {config}", flush=True)

@@ -29,6 +29,59 @@ from trainers.context import RunContext, seed_everything
 from trainers.discriminator import Discriminator, discriminator_loss, generator_loss
 
 
+class LightningLosses:
+    """The two losses of one adversarial step on clean latents x0 and condition kwargs already on the
+    device (the loop feeds them from the stream; benchmarks/throughput.py from random tensors).
+
+    `generator` makes the student transitions and keeps them in `pending`; `discriminator` consumes
+    one pending item, so D's update reuses the generator pass's transitions (no second student pass).
+    `last` holds the latest d_loss / p_real / p_fake / mse tensors for logging.
+    """
+
+    def __init__(self, teacher: distill.Teacher, objective, grids, n: int, mse_weight: float, weighting: str):
+        self.teacher, self.objective, self.grids, self.n = teacher, objective, grids, n
+        self.mse_weight, self.weighting = mse_weight, weighting
+        self.pending: list[dict] = []
+        self.last: dict = {}
+
+    def generator(self, model, disc, x0: torch.Tensor, cond: dict) -> torch.Tensor:
+        """L_G (+ mse_weight x the progressive term); D's weights are frozen for this pass."""
+        tr = distill.student_transition(model, self.teacher, self.objective, x0, cond, self.grids, self.n)
+        with distill.frozen(disc) as d:
+            logit = d(tr["z_t"], tr["z_s_hat"], tr["t"].float(), tr["s"].float(), **cond)
+        loss = generator_loss(logit)
+        if self.mse_weight > 0:
+            mse = distill.transition_loss(tr, self.weighting)
+            loss = loss + self.mse_weight * mse
+            self.last["mse"] = mse.detach()
+        fake = tr["z_s_hat"].detach()
+        self.pending.append(
+            {"z_t": tr["z_t"], "real": tr["z_s"], "fake": fake, "t": tr["t"], "s": tr["s"], "cond": cond}
+        )
+        return loss
+
+    def discriminator(self, model, item: dict) -> torch.Tensor:
+        """L_D on the teacher's (real) and the student's (fake, detached) transitions from the same x_t."""
+
+        def twice(x):  # real and fake pairs share x_t, t, s and c: one batched pass of 2B
+            return torch.cat([x, x])
+
+        cond = {k: twice(v) for k, v in item["cond"].items()}
+        x_s = torch.cat([item["real"], item["fake"]])
+        logits = model(twice(item["z_t"]), x_s, twice(item["t"]).float(), twice(item["s"]).float(), **cond)
+        real_logit, fake_logit = logits.chunk(2)
+        self.last["p_real"] = torch.sigmoid(real_logit).mean()
+        self.last["p_fake"] = torch.sigmoid(fake_logit).mean()
+        return discriminator_loss(real_logit, fake_logit)
+
+    def discriminator_step(self, disc_engine):
+        """D's update on the pending transitions (then cleared); returns the engine's StepStats."""
+        stats = disc_engine.train_step(self.pending, self.discriminator)
+        self.pending.clear()
+        self.last["d_loss"] = stats.loss
+        return stats
+
+
 def run(recipe: Recipe, ctx: RunContext) -> dict:
     dc = recipe.distill
     seed_everything(recipe.train.seed, ctx.rank)
@@ -39,54 +92,23 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
     grids = distill.nested_grids(objective.schedule, dc.student_steps, dc.teacher_steps)
     n = dc.teacher_steps // dc.student_steps
     disc = Discriminator.from_teacher(teacher.backbone).float()  # same init on every rank (seeded above)
+    losses = LightningLosses(teacher, objective, grids, n, dc.mse_weight, dc.weighting)
     h = distill.DistillHarness(recipe, ctx, comps)
     h.sample_steps = dc.student_steps
-    pending: list[dict] = []  # the generator pass's transitions, consumed by the discriminator update
-    last: dict = {}
 
-    def generator_loss_fn(model, batch):
-        """L_G (+ mse_weight x the progressive term); D's weights are frozen for this pass."""
-        x0, cond = h.to_x0(batch), h.cond(batch)
-        tr = distill.student_transition(model, teacher, objective, x0, cond, grids, n)
-        with distill.frozen(disc_engine.module) as d:
-            logit = d(tr["z_t"], tr["z_s_hat"], tr["t"].float(), tr["s"].float(), **cond)
-        loss = generator_loss(logit)
-        if dc.mse_weight > 0:
-            mse = distill.transition_loss(tr, dc.weighting)
-            loss = loss + dc.mse_weight * mse
-            last["mse"] = mse.detach()
-        fake = tr["z_s_hat"].detach()  # D's update reuses this pass's transitions (no second student pass)
-        pending.append(
-            {"z_t": tr["z_t"], "real": tr["z_s"], "fake": fake, "t": tr["t"], "s": tr["s"], "cond": cond}
-        )
-        return loss
-
-    def discriminator_loss_fn(model, item):
-        """L_D on the teacher's (real) and the student's (fake, detached) transitions from the same x_t."""
-
-        def twice(x):  # real and fake pairs share x_t, t, s and c: one batched pass of 2B
-            return torch.cat([x, x])
-
-        cond = {k: twice(v) for k, v in item["cond"].items()}
-        x_s = torch.cat([item["real"], item["fake"]])
-        logits = model(twice(item["z_t"]), x_s, twice(item["t"]).float(), twice(item["s"]).float(), **cond)
-        real_logit, fake_logit = logits.chunk(2)
-        last["p_real"], last["p_fake"] = torch.sigmoid(real_logit).mean(), torch.sigmoid(fake_logit).mean()
-        return discriminator_loss(real_logit, fake_logit)
-
-    def flops_pass(batch):  # the generator pass on the plain modules (Harness.count_flops, rank 0)
-        x0, cond = h.to_x0(batch), h.cond(batch)
-        tr = distill.student_transition(comps.backbone, teacher, objective, x0, cond, grids, n)
-        with distill.frozen(disc):
-            return generator_loss(disc(tr["z_t"], tr["z_s_hat"], tr["t"].float(), tr["s"].float(), **cond))
-
-    h.count_flops(flops_pass)
+    # The generator pass on the plain modules (Harness.count_flops, rank 0); its transitions are dropped.
+    h.count_flops(lambda batch: losses.generator(comps.backbone, disc, h.to_x0(batch), h.cond(batch)))
+    losses.pending.clear()
     engine = h.engine(comps.backbone)
     disc_engine = h.engine(disc, optim=replace(recipe.optim, lr=dc.disc_lr))
     extra = {"discriminator": disc_engine}
     ema, step = h.start(engine, extra)
 
+    def generator_loss_fn(model, batch):
+        return losses.generator(model, disc_engine.module, h.to_x0(batch), h.cond(batch))
+
     def metrics() -> dict:
+        last = losses.last
         out = {f"distill/{k}": float(last[k]) for k in ("d_loss", "p_real", "p_fake")}
         if "mse" in last:
             out["distill/mse"] = float(last["mse"])
@@ -95,9 +117,7 @@ def run(recipe: Recipe, ctx: RunContext) -> dict:
     while step < recipe.train.max_steps:
         batches = h.next_batches()
         stats = engine.train_step(batches, generator_loss_fn)  # generator (student) update
-        d_stats = disc_engine.train_step(pending, discriminator_loss_fn)  # then the discriminator's
-        pending.clear()
-        last["d_loss"] = d_stats.loss
+        losses.discriminator_step(disc_engine)  # then the discriminator's
         if ema is not None:
             ema.update()
         step += 1
