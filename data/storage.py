@@ -10,8 +10,9 @@ recipe, checkpoint or log ever carries a credential:
 
 Every S3 operation here retries transient failures (connection refused/reset, timeouts, HTTP 5xx,
 throttling) with exponential backoff and jitter for at most ``NUANCE_S3_RETRY_SECONDS`` (default 120 s)
-per outage; reads from ``open_url`` also re-open the object at the byte offset already consumed, so a
-tar stream survives an S3 server restart. ``retry_count()`` counts the retries of this process.
+per outage; reads from ``open_url`` fetch the object in ranged GETs ahead of the reader and retry each
+one from its start, so a tar stream survives an S3 server restart. ``retry_count()`` counts the retries
+of this process.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import io
 import logging
 import os
+import queue
 import random
 import shutil
 import sys
@@ -37,9 +39,11 @@ T = TypeVar("T")
 
 RETRY_SECONDS_ENV = "NUANCE_S3_RETRY_SECONDS"
 DEFAULT_RETRY_SECONDS = 120.0
-# Readahead per S3 request while streaming: s3fs's 50 MiB default costs that much memory per open shard
-# in every DataLoader worker; 8 MiB requests still stream at full speed.
+# Bytes per ranged GET while streaming, and how many such blocks a reader fetches ahead of its position:
+# each open shard holds up to READAHEAD_BLOCKS + 2 blocks (ahead, being fetched, being read) in every
+# DataLoader worker. Fewer, larger requests stream faster (each costs the server a lookup).
 STREAM_BLOCK_SIZE = 8 * 2**20
+READAHEAD_STREAMS = 2
 _BACKOFF_FIRST_S, _BACKOFF_CAP_S = 0.2, 8.0
 # S3 error codes that mean "try again later" even when the HTTP status is not 5xx.
 _TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError"}
@@ -258,65 +262,128 @@ def _remote(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 # --------------------------------------------------------------------------------------------- streaming
 
 
-class ResilientReader(io.RawIOBase):
-    """Read-only, seekable file over one S3 object that survives transient failures.
+class _S3Object:
+    """One S3 object read by byte ranges, with retries: what a ``ResilientReader`` and its readahead
+    thread share. It holds no reference to the reader, so an unclosed reader is still collected (and
+    closed, which stops the thread)."""
 
-    On a transient error it waits (bounded backoff), re-opens the object, seeks to the offset already
-    handed out and continues. It refuses to go on if the object changed meanwhile (size or ETag differ):
-    that would splice two versions together. ``retries`` counts this reader's retries.
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.fs, self.path = _remote(url)
+        self.retries = 0
+        self.identity = with_retries(f"opening {url}", self._identity)
+
+    def _identity(self) -> tuple[int, str | None]:
+        """(size, ETag) as the server has them now (not from a listing cached before)."""
+        self.fs.invalidate_cache(self.path)
+        info = self.fs.info(self.path)
+        return info["size"], info.get("ETag")
+
+    @property
+    def size(self) -> int:
+        return self.identity[0]
+
+    def get(self, start: int, end: int, stop: threading.Event) -> bytes:
+        """Bytes ``[start, end)`` in one ranged GET, retrying transient failures. After a failure the
+        object must still have the size and ETag it had when opened: resuming on another version would
+        splice two versions together. Gives up (ValueError) once ``stop`` is set."""
+        attempts = 0
+
+        def attempt() -> bytes:
+            nonlocal attempts
+            if stop.is_set():
+                raise ValueError(f"{self.url}: reader closed")
+            attempts += 1
+            if attempts > 1:
+                self.retries += 1
+                if self._identity() != self.identity:
+                    raise OSError(f"{self.url} changed while being read (size/ETag differ); not resuming")
+            data = _proto_get(self.path, start, end)
+            if len(data) != end - start:
+                raise OSError(f"{self.url}: got {len(data)} bytes of [{start}, {end}): shorter since opened?")
+            return data
+
+        return with_retries(f"reading {self.url} at byte {start}", attempt)
+
+
+class _Readahead:
+    """Fetches bytes ``[start, end)`` of an object in blocks, ahead of ``next()``, on ``streams`` daemon
+    threads: stream ``k`` fetches blocks ``k, k + streams, ...`` and holds at most one of them ready, so
+    at most ``2 * streams`` blocks are fetched or waiting. The transfer overlaps the reader's work on the
+    current block, and parallel requests hide the latency of each (a lone s3fs file fetched one block
+    at a time, only once the reader asked for it)."""
+
+    def __init__(self, obj: _S3Object, start: int, end: int, block_size: int, streams: int) -> None:
+        self._stop = threading.Event()
+        self._ready = [queue.Queue(maxsize=1) for _ in range(streams)]
+        self._next = 0  # index of the next block for next()
+        starts = range(start, end, block_size)
+        for k, ready in enumerate(self._ready):
+            args = (obj, starts[k::streams], end, block_size, ready)
+            threading.Thread(target=self._run, args=args, name=f"readahead {obj.url}", daemon=True).start()
+
+    def _run(self, obj: _S3Object, starts: range, end: int, block_size: int, ready: queue.Queue) -> None:
+        """Fetch the blocks starting at ``starts`` in order; an error is handed on in place of a block."""
+        try:
+            for start in starts:
+                if not self._put(ready, obj.get(start, min(end, start + block_size), self._stop)):
+                    return
+        except BaseException as exc:  # whatever it is, the reader must see it rather than wait forever
+            self._put(ready, exc)
+
+    def _put(self, ready: queue.Queue, item: bytes | BaseException) -> bool:
+        """Hand ``item`` on; False when the reader stopped wanting blocks first."""
+        while not self._stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self) -> bytes:
+        """The next block, waiting for it; raises what fetching it raised."""
+        item = self._ready[self._next % len(self._ready)].get()
+        self._next += 1
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop fetching (each thread ends after its current request)."""
+        self._stop.set()
+
+
+class ResilientReader(io.RawIOBase):
+    """Read-only, seekable file over one S3 object that reads ahead and survives transient failures.
+
+    The object is fetched in ranged GETs of ``block_size`` bytes on a background thread, up to
+    ``READAHEAD_BLOCKS`` blocks ahead of the reader, so that transfer and the caller's decoding overlap.
+    A GET that fails transiently is retried (bounded backoff) from its start, after checking that the
+    object did not change meanwhile (size or ETag differ: reading stops, rather than splice two versions
+    together). ``retries`` counts this reader's retries.
     """
 
     def __init__(self, url: str, block_size: int | None = None) -> None:
         super().__init__()
         self.url, self.block_size = url, block_size or STREAM_BLOCK_SIZE
-        self.retries, self._pos = 0, 0
-        self._file: Any = None
-        self._identity: tuple | None = None
-        self._retrying("opening", self._ensure_open)
+        self._object = _S3Object(url)
+        self._pos = 0  # next byte to hand out
+        self._rest = memoryview(b"")  # the unread part of the current block: it starts at _pos
+        self._ahead: _Readahead | None = None
 
     def __repr__(self) -> str:
         return f"ResilientReader({self.url!r}, pos={self._pos}, retries={self.retries})"
 
-    def _ensure_open(self) -> Any:
-        """The underlying s3fs file, (re)opened at the current offset when needed."""
-        if self._file is None:
-            fs, path = _remote(self.url)
-            f = fs.open(path, "rb", block_size=self.block_size, cache_type="readahead")
-            identity = (f.size, f.details.get("ETag"))
-            if self._identity not in (None, identity):
-                f.close()
-                raise OSError(f"{self.url} changed while being read (size/ETag differ); not resuming")
-            self._identity = identity
-            f.seek(self._pos)
-            self._file = f
-        return self._file
-
-    def _drop_file(self) -> None:
-        """Forget the underlying file after a failure (its connection may be dead)."""
-        f, self._file = self._file, None
-        try:
-            if f is not None:
-                f.close()
-        except Exception:  # closing a broken connection may fail as well; nothing is lost
-            pass
-
-    def _retrying(self, what: str, func: Callable[[], T]) -> T:
-        """``func()`` with drop-reopen-retry on transient errors."""
-        backoff = _Backoff(f"{what} {self.url} at byte {self._pos}")
-        while True:
-            try:
-                return func()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                self._drop_file()
-                backoff.wait(exc)
-                self.retries += 1
+    @property
+    def retries(self) -> int:
+        """Transient failures this reader retried."""
+        return self._object.retries
 
     @property
     def size(self) -> int:
         """Object size in bytes."""
-        return self._identity[0]
+        return self._object.size
 
     def readable(self) -> bool:
         return True
@@ -328,35 +395,62 @@ class ResilientReader(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        """Move the read position; no request is made until the next read."""
+        """Move the read position; reading ahead restarts there at the next read."""
         position = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence] + offset
         if position < 0:
             raise ValueError(f"negative seek position {position}")
-        self._pos = position
-        if self._file is not None:
-            self._file.seek(position)
+        if position != self._pos:
+            self._stop_reading_ahead()
+            self._pos = position
         return position
 
-    def read(self, size: int | None = -1) -> bytes:
-        """Up to ``size`` bytes (all the rest if negative or None), retrying transient failures."""
-        if self.closed:
-            raise ValueError("I/O operation on closed file")
-        n = -1 if size is None or size < 0 else size
-        data = self._retrying("reading", lambda: self._ensure_open().read(n))
-        self._pos += len(data)
-        return data
+    def _stop_reading_ahead(self) -> None:
+        """Drop the current block and the blocks fetched ahead."""
+        if self._ahead is not None:
+            self._ahead.close()
+        self._ahead, self._rest = None, memoryview(b"")
 
-    def readall(self) -> bytes:
-        return self.read(-1)
+    def _rest_of_block(self) -> memoryview:
+        """The unread part of the current block, moving to the next block when it is used up; empty at
+        the end of the object."""
+        if not self._rest and self._pos < self.size:
+            if self._ahead is None:
+                self._ahead = _Readahead(
+                    self._object, self._pos, self.size, self.block_size, READAHEAD_STREAMS
+                )
+            self._rest = memoryview(self._ahead.next())
+        return self._rest
+
+    def _consume(self, n: int) -> None:
+        """Move ``n`` bytes on within the current block."""
+        self._rest = self._rest[n:]
+        self._pos += n
 
     def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
+        """Fill ``buffer`` (fewer bytes only at the end of the object); returns the number of bytes."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        view, filled = memoryview(buffer).cast("B"), 0
+        while filled < len(view):
+            rest = self._rest_of_block()
+            if not rest:
+                break
+            n = min(len(rest), len(view) - filled)
+            view[filled : filled + n] = rest[:n]
+            filled += n
+            self._consume(n)
+        return filled
+
+    def readall(self) -> bytes:
+        """All the rest of the object."""
+        parts = []
+        while rest := self._rest_of_block():
+            parts.append(rest)
+            self._consume(len(rest))
+        return b"".join(parts)
 
     def close(self) -> None:
-        self._drop_file()
+        self._stop_reading_ahead()
         super().close()
 
 
@@ -598,3 +692,20 @@ def get_folder(url: str | os.PathLike, local: str | os.PathLike) -> str:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         get_file(file_url, target)
     return os.fspath(local)
+
+
+_proto = {}
+
+
+def _proto_get(path, start, end):
+    import botocore.session
+    from botocore.config import Config
+
+    key = os.getpid()
+    if key not in _proto:
+        env = _s3_env()
+        cfg = Config(region_name=env["region"], retries={"mode": "standard", "total_max_attempts": 1})
+        _proto[key] = botocore.session.Session().create_client("s3", endpoint_url=env["endpoint"], config=cfg)
+    bucket, _, k = path.partition("/")
+    resp = _proto[key].get_object(Bucket=bucket, Key=k, Range=f"bytes={start}-{end - 1}")
+    return resp["Body"].read()
