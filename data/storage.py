@@ -39,9 +39,9 @@ T = TypeVar("T")
 
 RETRY_SECONDS_ENV = "NUANCE_S3_RETRY_SECONDS"
 DEFAULT_RETRY_SECONDS = 120.0
-# Bytes per ranged GET while streaming, and how many such blocks a reader fetches ahead of its position:
-# each open shard holds up to READAHEAD_BLOCKS + 2 blocks (ahead, being fetched, being read) in every
-# DataLoader worker. Fewer, larger requests stream faster (each costs the server a lookup).
+# Bytes per ranged GET while streaming, and how many GETs a reader keeps going ahead of its position. An
+# open shard holds up to 2 * READAHEAD_STREAMS + 1 blocks (fetched, ready, being read) in every DataLoader
+# worker; two parallel GETs stream faster than one (each pays the server's latency), larger ones hardly.
 STREAM_BLOCK_SIZE = 8 * 2**20
 READAHEAD_STREAMS = 2
 _BACKOFF_FIRST_S, _BACKOFF_CAP_S = 0.2, 8.0
@@ -51,8 +51,8 @@ _TRANSIENT_CODES |= {"RequestLimitExceeded", "TooManyRequestsException", "Servic
 _PERMANENT_ERRORS = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError)
 _GLOB_CHARS = "*?["
 
-_fs_lock = threading.Lock()
-_fs_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
+_clients_lock = threading.Lock()
+_clients: dict[tuple, Any] = {}
 _retry_lock = threading.Lock()
 _retries = 0
 
@@ -207,11 +207,8 @@ def local_path(url: str | os.PathLike) -> str | None:
     return url[len("file://") :] if scheme == "file" else (url if scheme == "" else None)
 
 
-def _new_s3fs() -> fsspec.AbstractFileSystem:
-    """An S3FileSystem for the current environment. Keys are left for botocore to read from the
-    environment / profile, so no secret ever sits in the filesystem's storage_options."""
-    import s3fs
-
+def _botocore_config() -> dict[str, Any]:
+    """botocore ``Config`` arguments for the current environment (both S3 clients use them)."""
     s = _s3_env()
     # Region via botocore Config, not region_name=: s3fs would turn that into a bucket LocationConstraint,
     # which some S3 servers reject on bucket creation. (botocore alone ignores AWS_REGION.)
@@ -220,37 +217,73 @@ def _new_s3fs() -> fsspec.AbstractFileSystem:
         # No hidden inner retries: every transient failure goes through our bounded, counted backoff
         # (botocore's own would silently add up to seconds per request on top of it).
         config["retries"] = {"mode": "standard", "total_max_attempts": 1}
-    kwargs: dict[str, Any] = {"skip_instance_cache": True, "config_kwargs": config}
-    if s["endpoint"]:
-        kwargs["endpoint_url"] = s["endpoint"]
-    if s["profile"] and not (s["key_id"] and s["secret"]):
-        kwargs["profile"] = s["profile"]
+    return config
+
+
+def _profile() -> str | None:
+    """The profile to name explicitly: ``AWS_PROFILE``, unless keys in the environment take precedence."""
+    s = _s3_env()
+    return s["profile"] if s["profile"] and not (s["key_id"] and s["secret"]) else None
+
+
+def _new_s3fs() -> fsspec.AbstractFileSystem:
+    """An S3FileSystem for the current environment. Keys are left for botocore to read from the
+    environment / profile, so no secret ever sits in the filesystem's storage_options."""
+    import s3fs
+
+    endpoint, profile = _s3_env()["endpoint"], _profile()
+    kwargs: dict[str, Any] = {"skip_instance_cache": True, "config_kwargs": _botocore_config()}
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    if profile:
+        kwargs["profile"] = profile
     fs = s3fs.S3FileSystem(**kwargs)
     fs.retries = 1  # s3fs's own retry loop (default 5 tries) likewise gives way to ours
     return fs
 
 
-def filesystem(url: str | os.PathLike) -> fsspec.AbstractFileSystem:
-    """The fsspec filesystem for ``url``: s3fs for ``s3://``, local for paths and ``file://``.
+def _new_s3_client() -> Any:
+    """A plain (synchronous) botocore S3 client for the current environment, for streaming reads.
 
-    S3 clients are cached per process id and S3 settings: an s3fs object is not fork-safe, so each
-    process (e.g. each DataLoader worker) builds its own on first use.
+    Its responses are read by urllib3 / http.client in C, in the calling thread: about a third less CPU
+    per MB than s3fs, whose aiohttp transport parses the body in Python on fsspec's event-loop thread and
+    hops threads for every request. Keys are left for botocore to read, as for s3fs.
     """
+    import botocore.config
+    import botocore.session
+
+    session = botocore.session.Session(profile=_profile())
+    config = botocore.config.Config(**_botocore_config())
+    return session.create_client("s3", endpoint_url=_s3_env()["endpoint"], config=config)
+
+
+def _cached_client(kind: str, factory: Callable[[], T]) -> T:
+    """This process's ``kind`` of S3 client for the current S3 settings, built by ``factory`` once.
+
+    Clients are cached per process id and S3 settings: neither s3fs nor botocore clients are fork-safe,
+    so each process (e.g. each DataLoader worker) builds its own on first use.
+    """
+    s = _s3_env()
+    digest = hashlib.sha256(f"{s['secret']}\0{s['token']}".encode()).hexdigest()  # never the secret itself
+    key = (kind, os.getpid(), s["endpoint"], s["profile"], s["region"], s["key_id"], digest)
+    with _clients_lock:
+        if key not in _clients:
+            # Clients inherited from a parent process must not be used (or closed) here: forget them.
+            for stale in [k for k in _clients if k[1] != key[1]]:
+                del _clients[stale]
+            _clients[key] = factory()
+        return _clients[key]
+
+
+def filesystem(url: str | os.PathLike) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for ``url``: s3fs for ``s3://`` (one per process, see ``_cached_client``),
+    local for paths and ``file://``."""
     scheme = _scheme(os.fspath(url))
     if scheme in ("", "file"):
         return fsspec.filesystem("file")
     if scheme != "s3":
         return fsspec.filesystem(scheme)  # other fsspec protocols work, without the retry guarantees
-    s = _s3_env()
-    digest = hashlib.sha256(f"{s['secret']}\0{s['token']}".encode()).hexdigest()  # never the secret itself
-    key = (os.getpid(), s["endpoint"], s["profile"], s["region"], s["key_id"], digest)
-    with _fs_lock:
-        if key not in _fs_cache:
-            # Clients inherited from a parent process must not be used (or closed) here: forget them.
-            for stale in [k for k in _fs_cache if k[0] != key[0]]:
-                del _fs_cache[stale]
-            _fs_cache[key] = _new_s3fs()
-        return _fs_cache[key]
+    return _cached_client("s3fs", _new_s3fs)
 
 
 def _remote(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -263,24 +296,36 @@ def _remote(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 class _S3Object:
-    """One S3 object read by byte ranges, with retries: what a ``ResilientReader`` and its readahead
-    thread share. It holds no reference to the reader, so an unclosed reader is still collected (and
-    closed, which stops the thread)."""
+    """One S3 object read by byte ranges through this process's botocore client, with retries: what a
+    ``ResilientReader`` and its readahead threads share. It holds no reference to the reader, so an
+    unclosed reader is still collected (and closed, which stops the threads)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.fs, self.path = _remote(url)
+        self.bucket, _, self.key = url.split("://", 1)[1].partition("/")
         self.retries = 0
         self.identity = with_retries(f"opening {url}", self._identity)
 
+    def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
+        """An S3 ``operation`` on the object. S3 error codes become the OSErrors that s3fs raises
+        (missing: FileNotFoundError, denied: PermissionError) with the ClientError as their cause."""
+        from botocore.exceptions import ClientError
+        from s3fs.errors import translate_boto_error
+
+        client = _cached_client("botocore", _new_s3_client)
+        try:
+            return getattr(client, operation)(Bucket=self.bucket, Key=self.key, **kwargs)
+        except ClientError as exc:
+            raise translate_boto_error(exc) from exc
+
     def _identity(self) -> tuple[int, str | None]:
-        """(size, ETag) as the server has them now (not from a listing cached before)."""
-        self.fs.invalidate_cache(self.path)
-        info = self.fs.info(self.path)
-        return info["size"], info.get("ETag")
+        """(size, ETag) as the server has them now."""
+        head = self._call("head_object")
+        return head["ContentLength"], head.get("ETag")
 
     @property
     def size(self) -> int:
+        """Object size in bytes, as opened."""
         return self.identity[0]
 
     def get(self, start: int, end: int, stop: threading.Event) -> bytes:
@@ -298,7 +343,7 @@ class _S3Object:
                 self.retries += 1
                 if self._identity() != self.identity:
                     raise OSError(f"{self.url} changed while being read (size/ETag differ); not resuming")
-            data = _proto_get(self.path, start, end)
+            data = self._call("get_object", Range=f"bytes={start}-{end - 1}")["Body"].read()
             if len(data) != end - start:
                 raise OSError(f"{self.url}: got {len(data)} bytes of [{start}, {end}): shorter since opened?")
             return data
@@ -357,9 +402,9 @@ class _Readahead:
 class ResilientReader(io.RawIOBase):
     """Read-only, seekable file over one S3 object that reads ahead and survives transient failures.
 
-    The object is fetched in ranged GETs of ``block_size`` bytes on a background thread, up to
-    ``READAHEAD_BLOCKS`` blocks ahead of the reader, so that transfer and the caller's decoding overlap.
-    A GET that fails transiently is retried (bounded backoff) from its start, after checking that the
+    The object is fetched in ranged GETs of ``block_size`` bytes on ``READAHEAD_STREAMS`` background
+    threads ahead of the reader, so that transfer and the caller's decoding overlap. A GET that fails
+    transiently is retried (bounded backoff) from its start, after checking that the
     object did not change meanwhile (size or ETag differ: reading stops, rather than splice two versions
     together). ``retries`` counts this reader's retries.
     """
@@ -413,6 +458,8 @@ class ResilientReader(io.RawIOBase):
     def _rest_of_block(self) -> memoryview:
         """The unread part of the current block, moving to the next block when it is used up; empty at
         the end of the object."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
         if not self._rest and self._pos < self.size:
             if self._ahead is None:
                 self._ahead = _Readahead(
@@ -428,8 +475,6 @@ class ResilientReader(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         """Fill ``buffer`` (fewer bytes only at the end of the object); returns the number of bytes."""
-        if self.closed:
-            raise ValueError("I/O operation on closed file")
         view, filled = memoryview(buffer).cast("B"), 0
         while filled < len(view):
             rest = self._rest_of_block()
@@ -692,20 +737,3 @@ def get_folder(url: str | os.PathLike, local: str | os.PathLike) -> str:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         get_file(file_url, target)
     return os.fspath(local)
-
-
-_proto = {}
-
-
-def _proto_get(path, start, end):
-    import botocore.session
-    from botocore.config import Config
-
-    key = os.getpid()
-    if key not in _proto:
-        env = _s3_env()
-        cfg = Config(region_name=env["region"], retries={"mode": "standard", "total_max_attempts": 1})
-        _proto[key] = botocore.session.Session().create_client("s3", endpoint_url=env["endpoint"], config=cfg)
-    bucket, _, k = path.partition("/")
-    resp = _proto[key].get_object(Bucket=bucket, Key=k, Range=f"bytes={start}-{end - 1}")
-    return resp["Body"].read()

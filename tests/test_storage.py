@@ -178,6 +178,65 @@ def test_webdataset_reads_s3(s3_bucket):
         assert [m.name for m in tar][:2] == ["s0.cls", "s0.txt"]
 
 
+def _failing_gets(monkeypatch, which: set[int]) -> list[int]:
+    """Make the ranged GETs of ResilientReaders whose number (from 0) is in ``which`` fail once with a
+    connection error before they reach the server; returns the list of GET start offsets seen."""
+    import botocore.exceptions as bex
+
+    real_call, starts = storage._S3Object._call, []
+
+    def call(self, operation, **kwargs):
+        if operation == "get_object":
+            starts.append(int(kwargs["Range"].split("=")[1].split("-")[0]))
+            if len(starts) - 1 in which:
+                raise bex.EndpointConnectionError(endpoint_url="http://injected")
+        return real_call(self, operation, **kwargs)
+
+    monkeypatch.setattr(storage._S3Object, "_call", call)
+    monkeypatch.setattr(storage, "STREAM_BLOCK_SIZE", MiB)
+    monkeypatch.setattr(storage, "_BACKOFF_FIRST_S", 0.01)
+    return starts
+
+
+def test_reader_reads_ahead_in_ranges_and_retries_a_failed_one(s3_bucket, monkeypatch):
+    """Blocks come from parallel ranged GETs; one that fails is retried from its start, bytes identical."""
+    data = os.urandom(5 * MiB + 123)
+    storage.write_bytes(s3_bucket + "ahead.bin", data)
+    starts = _failing_gets(monkeypatch, {2})
+    with storage.open_url(s3_bucket + "ahead.bin") as reader:
+        head = reader.read(MiB + 7)
+        assert head + reader.read() == data and reader.retries == 1 and reader.read() == b""
+        assert sorted(starts) == sorted([*range(0, 6 * MiB, MiB), starts[2]])
+        reader.seek(-200, io.SEEK_END)  # reading ahead starts over at the new position
+        assert reader.read(100) == data[-200:-100] and reader.tell() == len(data) - 100
+        reader.seek(3)
+        assert reader.read(5) == data[3:8]
+
+
+def test_reader_refuses_to_resume_on_a_changed_object(s3_bucket, monkeypatch):
+    """After a failure the object must be the one opened: a rewritten one is not spliced in."""
+    storage.write_bytes(s3_bucket + "changing.bin", os.urandom(4 * MiB))
+    with storage.open_url(s3_bucket + "changing.bin") as reader:
+        _failing_gets(monkeypatch, {0, 1})
+        storage.write_bytes(s3_bucket + "changing.bin", os.urandom(4 * MiB))
+        with pytest.raises(OSError, match="changed while being read"):
+            reader.read()
+
+
+def test_closed_reader_stops_reading_ahead(s3_bucket, monkeypatch):
+    storage.write_bytes(s3_bucket + "closed.bin", os.urandom(8 * MiB))
+    monkeypatch.setattr(storage, "STREAM_BLOCK_SIZE", MiB)
+    reader = storage.open_url(s3_bucket + "closed.bin")
+    assert len(reader.read(10)) == 10
+    reader.close()
+    with pytest.raises(ValueError, match="closed file"):
+        reader.read(1)
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("readahead") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("readahead")]
+
+
 def test_cli_ls_and_cp(s3_bucket, tmp_path, nuance_cli, capsys):
     from orchestration.cli import main
 
@@ -223,9 +282,10 @@ def test_open_url_survives_server_restart(tmp_path, monkeypatch):
                 monkeypatch.delenv(name, raising=False)
             else:
                 monkeypatch.setenv(name, value)
-        monkeypatch.setattr(storage, "STREAM_BLOCK_SIZE", MiB)  # so that the rest needs new requests
+        # 1 MiB blocks: beyond the few blocks read ahead, the rest of the 12 MiB needs new requests.
+        monkeypatch.setattr(storage, "STREAM_BLOCK_SIZE", MiB)
         monkeypatch.setattr(storage, "_BACKOFF_CAP_S", 1.0)  # poll the restarting server often
-        data = os.urandom(6 * MiB)
+        data = os.urandom(12 * MiB)
         storage.write_bytes("s3://restart-test/big.bin", data)
         before = storage.retry_count()
 

@@ -131,6 +131,58 @@ def test_open_url_local_and_file_url(shards):
         assert a.read() == b.read() == Path(shards[0]).read_bytes()
 
 
+def _tar_with_every_kind_of_member(tar_format: int, compression: str) -> bytes:
+    """A tar (as tarfile writes it) of a directory, a symlink, long and non-ASCII names, empty and
+    multi-block files."""
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(0)
+    with tarfile.open(fileobj=buffer, mode=f"w|{compression}", format=tar_format) as tar:
+        for name, kind, size in [
+            ("dir/", tarfile.DIRTYPE, 0),
+            ("link", tarfile.SYMTYPE, 0),
+            ("a.txt", tarfile.REGTYPE, 5),
+            ("deep/" * 30 + "long.npy", tarfile.REGTYPE, 1000),
+            ("unicodé/ñ.bin", tarfile.REGTYPE, 513),
+            ("empty.cls", tarfile.REGTYPE, 0),
+            ("big.npy", tarfile.REGTYPE, 70_000),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.linkname = kind, size, "target" if kind == tarfile.SYMTYPE else ""
+            tar.addfile(info, io.BytesIO(rng.bytes(size)) if kind == tarfile.REGTYPE else None)
+    return buffer.getvalue()
+
+
+def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+@pytest.mark.parametrize("compression", ["", "gz", "bz2", "xz"])
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_reads_what_tarfile_reads(tar_format, compression):
+    from data.tarstream import TarReader
+
+    data = _tar_with_every_kind_of_member(tar_format, compression)
+    expected = _tarfile_members(data)
+    reader = TarReader(io.BytesIO(data))
+    assert [(name, reader.read()) for name in reader] == expected
+    assert list(TarReader(io.BytesIO(data))) == [name for name, _ in expected]  # data not read: skipped
+
+
+def test_tar_reader_rejects_damaged_archives():
+    from data.tarstream import TarReader
+
+    data = _tar_with_every_kind_of_member(tarfile.PAX_FORMAT, "")
+    flipped = bytearray(data)  # blocks: dir/, link, a.txt headers, a.txt data, next header
+    flipped[2 * 512 + 10] ^= 0x20  # in the name of a.txt: the header's checksum no longer matches
+    cut_in_header, cut_in_data = data[: 4 * 512 + 100], data[: len(data) - 9000]
+    for damaged in (bytes(flipped), cut_in_header, cut_in_data, data[:-10240], b"not a tar" * 100, b""):
+        with pytest.raises(tarfile.ReadError):
+            reader = TarReader(io.BytesIO(damaged))
+            for _ in reader:
+                reader.read()
+
+
 def test_remote_fsspec_urls_stream_like_local_ones(shards):
     fs = fsspec.filesystem("memory")
     for path in shards[:2]:
