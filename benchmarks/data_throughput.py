@@ -87,7 +87,7 @@ def main() -> None:
     p.add_argument("--latent-shards", type=int, default=8)
     p.add_argument("--jpeg-shards", type=int, default=4)
     p.add_argument("--per-shard", type=int, default=512)
-    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--batches", type=int, default=200, help="timed latent batches (JPEG: 8)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 

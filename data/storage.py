@@ -455,17 +455,22 @@ class ResilientReader(io.RawIOBase):
             self._ahead.close()
         self._ahead, self._rest = None, memoryview(b"")
 
+    def start(self) -> None:
+        """Start fetching from the current position now, before the first read (a shard opened while
+        the one before it is still being read); reads start it anyway."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        if self._ahead is None and self._pos < self.size:
+            self._ahead = _Readahead(self._object, self._pos, self.size, self.block_size, READAHEAD_STREAMS)
+
     def _rest_of_block(self) -> memoryview:
         """The unread part of the current block, moving to the next block when it is used up; empty at
         the end of the object."""
-        if self.closed:
-            raise ValueError("I/O operation on closed file")
         if not self._rest and self._pos < self.size:
-            if self._ahead is None:
-                self._ahead = _Readahead(
-                    self._object, self._pos, self.size, self.block_size, READAHEAD_STREAMS
-                )
+            self.start()
             self._rest = memoryview(self._ahead.next())
+        elif self.closed:
+            raise ValueError("I/O operation on closed file")
         return self._rest
 
     def _consume(self, n: int) -> None:

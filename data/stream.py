@@ -222,10 +222,57 @@ def open_url(url: str) -> IO[bytes]:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _tar_samples(url: str, want=None, limit: int | None = None) -> Iterator[dict | None]:
-    """``data.decode.read_tar`` over the shard ``url``, opened through ``open_url``."""
-    with open_url(url) as f:
+def _tar_samples(url: str, want=None, limit: int | None = None, opener=open_url) -> Iterator[dict | None]:
+    """``data.decode.read_tar`` over the shard ``url``, opened through ``opener`` (``open_url``)."""
+    with opener(url) as f:
         yield from read_tar(f, url, want, limit)
+
+
+class _OpenAhead:
+    """Opens one worker's shards in order, each remote one while the shard before it is still being read.
+
+    A remote shard's first bytes take a HEAD and a ranged GET (~20 ms to a local S3 server), during which
+    the worker would idle once per shard; opened ahead, its read-ahead threads (``start()`` of
+    ``data.storage.ResilientReader``) fetch them while the previous shard is decoded. Local files open on
+    demand. An error opening ahead is raised when that shard's turn comes, as if opened then.
+    """
+
+    def __init__(self) -> None:
+        self._url: str | None = None
+        self._opened: Any = None  # the file opened ahead for _url, or the exception opening it raised
+
+    def open(self, url: str) -> IO[bytes]:
+        """The file of ``url``: the one opened ahead, or a fresh one."""
+        if url != self._url:
+            self.close()
+            return open_url(url)
+        opened, self._url, self._opened = self._opened, None, None
+        if isinstance(opened, BaseException):
+            raise opened
+        return opened
+
+    def ahead(self, url: str | None) -> None:
+        """Open ``url`` (the next shard) now when it is remote and its reader can start fetching."""
+        if url is None or url == self._url or _local_path(url) is not None:
+            return
+        self.close()
+        try:
+            opened = open_url(url)
+        except _SHARD_ERRORS as exc:
+            opened = exc
+        start = getattr(opened, "start", None)
+        if start is None and not isinstance(opened, BaseException):
+            opened.close()  # nothing gained by holding it open: open it in turn
+            return
+        if start is not None:
+            start()
+        self._url, self._opened = url, opened
+
+    def close(self) -> None:
+        """Close a file opened ahead and not used."""
+        if self._opened is not None and not isinstance(self._opened, BaseException):
+            self._opened.close()
+        self._url = self._opened = None
 
 
 def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
@@ -542,21 +589,36 @@ class _WorkerEpoch:
     def _read(self) -> Iterator[tuple[int, int, dict | None]]:
         """(source, index, sample) for every sample of this worker's shards; sample is None for those
         already handed out or found bad before a resume (kept so the shuffle draws stay the same)."""
-        for source, url in self._sources():
-            done, size = self.done.get(source, _Ranges()), self.sizes.get(source)
-            if size is not None and done.covers(size):  # nothing left in it: do not even open it
-                yield from ((source, k, None) for k in range(size))
-                continue
-            count, error = 0, ""
-            try:
-                for sample in _tar_samples(url, want=lambda k, d=done: k not in d, limit=size):
-                    yield source, count, sample
-                    count += 1
-            except _SHARD_ERRORS:
-                error = CORRUPT_SHARD
-            # A shard whose size is known ends quietly at that size; failing before it means it changed.
-            if size is None or (error and count < size):
-                self.ends.append([source, count, error])
+        sources = self._sources()
+        to_open = [url for source, url in sources if not self._read_before(source)]  # in reading order
+        opener = _OpenAhead()
+        try:
+            for source, url in sources:
+                done, size = self.done.get(source, _Ranges()), self.sizes.get(source)
+                if self._read_before(source):  # nothing left in it: do not even open it
+                    yield from ((source, k, None) for k in range(size))
+                    continue
+                to_open.pop(0)
+                count, error = 0, ""
+                try:
+                    samples = _tar_samples(url, lambda k, d=done: k not in d, size, opener.open)
+                    for sample in samples:
+                        if count == 0:  # this shard is open: open the next one
+                            opener.ahead(to_open[0] if to_open else None)
+                        yield source, count, sample
+                        count += 1
+                except _SHARD_ERRORS:
+                    error = CORRUPT_SHARD
+                # A shard whose size is known ends quietly at that size; failing before it means it changed.
+                if size is None or (error and count < size):
+                    self.ends.append([source, count, error])
+        finally:
+            opener.close()
+
+    def _read_before(self, source: int) -> bool:
+        """Whether every sample of ``source`` was handed out (or found bad) before a resume."""
+        size = self.sizes.get(source)
+        return size is not None and self.done.get(source, _Ranges()).covers(size)
 
     def _item(self, parts: list[dict], kind: str) -> dict[str, Any]:
         """One message to the main process, carrying the reports gathered since the last one."""

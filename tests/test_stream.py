@@ -192,6 +192,40 @@ def test_remote_fsspec_urls_stream_like_local_ones(shards):
     _assert_same_batches(a, _take(iter(_stream(shards[:2], world_size=1, num_workers=0)), 4))
 
 
+def test_s3_shards_are_opened_while_the_one_before_is_read(shards, s3_bucket, monkeypatch):
+    """Each S3 shard after the first is opened (and fetching) before the previous one is closed; the
+    batches are those of the local shards; a shard that cannot be opened ahead counts as corrupt."""
+    from data import storage
+
+    remote = []
+    for path in shards[:3]:
+        storage.put_file(path, f"{s3_bucket}ahead/{Path(path).name}")
+        remote.append(f"{s3_bucket}ahead/{Path(path).name}")
+    events = []
+    for name in ("start", "close"):
+        method = getattr(storage.ResilientReader, name)
+
+        def record(self, _method=method, _name=name):
+            if not self.closed and (_name == "close" or self._ahead is None):  # a reader's first start
+                events.append((_name, self.url))
+            return _method(self)
+
+        monkeypatch.setattr(storage.ResilientReader, name, record)
+    stream = _stream(remote, world_size=1, num_workers=0, mode="epoch")
+    local = _stream(shards[:3], world_size=1, num_workers=0, mode="epoch")
+    _assert_same_batches(_epoch_batches(stream, iter(stream)), _epoch_batches(local, iter(local)))
+    order = [url for event, url in events if event == "start"][:3]  # then the next epoch's first batch
+    assert sorted(order) == sorted(remote)  # each opened once in the epoch
+    for before, after in itertools.pairwise(order):
+        assert events.index(("start", after)) < events.index(("close", before))
+
+    missing = f"{s3_bucket}ahead/missing.tar"
+    stream = _stream([remote[0], missing, remote[1]], world_size=1, num_workers=0, mode="epoch")
+    keys = _keys(_epoch_batches(stream, iter(stream)))
+    assert len(keys) == 2 * PER_SHARD and set(stream.bad_counts) == {"corrupt_shard"}
+    assert 1 <= stream.bad_counts["corrupt_shard"] <= 2  # 2: the next epoch's first batch met it too
+
+
 def test_globs_and_remote_prefixes_list_their_tars(shards, monkeypatch):
     directory = str(Path(shards[0]).parent)
     assert expand_urls(directory + "/shapes-*.tar") == shards
