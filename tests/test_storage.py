@@ -224,17 +224,23 @@ def test_reader_refuses_to_resume_on_a_changed_object(s3_bucket, monkeypatch):
 
 
 def test_closed_reader_stops_reading_ahead(s3_bucket, monkeypatch):
-    storage.write_bytes(s3_bucket + "closed.bin", os.urandom(8 * MiB))
+    url = s3_bucket + "closed.bin"
+    storage.write_bytes(url, os.urandom(8 * MiB))
     monkeypatch.setattr(storage, "STREAM_BLOCK_SIZE", MiB)
-    reader = storage.open_url(s3_bucket + "closed.bin")
+    reader = storage.open_url(url)
     assert len(reader.read(10)) == 10
+
+    def threads():  # this reader's only: other tests' streams may still have theirs
+        return [t for t in threading.enumerate() if t.name == f"readahead {url}"]
+
+    assert threads()
     reader.close()
     with pytest.raises(ValueError, match="closed file"):
         reader.read(1)
     deadline = time.monotonic() + 5
-    while any(t.name.startswith("readahead") for t in threading.enumerate()) and time.monotonic() < deadline:
+    while threads() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not [t.name for t in threading.enumerate() if t.name.startswith("readahead")]
+    assert not threads()
 
 
 def test_cli_ls_and_cp(s3_bucket, tmp_path, nuance_cli, capsys):
