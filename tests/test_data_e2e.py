@@ -164,7 +164,8 @@ def test_stream_waits_through_s3_restart(tmp_path, toy_cache, s3_server):
 
         saved = apply_env(server_env(server))
         try:
-            for path in shards[:4]:
+            # 8 shards: the first 4 are read or opened ahead (and fetched) before the server stops
+            for path in shards[:8]:
                 storage.put_file(path, f"s3://restart/toy/{Path(path).name}")
             stream = ShardStream(
                 "s3://restart/toy/", rank=0, world_size=1, batch_size=32, image_size=32, seed=0
@@ -175,14 +176,14 @@ def test_stream_waits_through_s3_restart(tmp_path, toy_cache, s3_server):
             server.stop()  # the next shard opens hit a dead server ...
             restart = threading.Timer(2.0, server.start)  # ... that comes back 2 s later
             restart.start()
-            keys += [k for _ in range(12) for k in next(batches)["key"]]
+            keys += [k for _ in range(28) for k in next(batches)["key"]]
             restart.join()
             assert storage.retry_count() > retries_before  # it did wait and retry
         finally:
             apply_env(saved)
     finally:
         server.stop()
-    assert len(keys) == 4 * 128 and len(set(keys)) == len(keys)  # 4 shards x 128 samples, each once
+    assert len(keys) == 8 * 128 and len(set(keys)) == len(keys)  # 8 shards x 128 samples, each once
     assert torch.tensor(stream.bad_fraction) == 0
 
 
