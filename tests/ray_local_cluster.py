@@ -18,8 +18,14 @@ from pathlib import Path
 
 from tests.conftest import free_port
 
-# Ray would replace 127.0.0.1 by the machine's address otherwise (see the design notes).
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+RAY_ENV = {
+    # Ray would replace 127.0.0.1 by the machine's address otherwise (see the design notes).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+    # Ray Train's controller registers a reported checkpoint when it next polls the workers (every 2 s
+    # by default); a worker killed before that restarts from the checkpoint before. The tiny test runs
+    # take ~0.1 s per step, so the fault tests poll often and wait for the registration they rely on.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+}
 
 
 class LocalRayCluster:

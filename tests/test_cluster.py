@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +80,13 @@ def effective_keys(run_dir: Path, rank: int) -> dict[int, list[str]]:
     return steps
 
 
+def registered(run_dir: Path, checkpoint: str) -> bool:
+    """Whether Ray Train's controller has registered `checkpoint` (only those are restored after a
+    failure); it records them in its snapshot file in the run folder."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    return snapshot.is_file() and f'"{checkpoint}"' in snapshot.read_text()
+
+
 def workers(run_dir: Path, rank: int) -> list[dict]:
     path = run_dir / "workers" / f"rank{rank:05d}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -123,7 +131,7 @@ def test_jobs_errors_are_one_line(cluster):
 
 
 def test_killed_worker_restarts_and_finishes_exactly(cluster, tmp_path, toy_cache):
-    name, max_steps = "killed", 12
+    name, max_steps = "killed", 40
     args = job_args(
         tmp_path,
         toy_cache,
@@ -136,7 +144,12 @@ def test_killed_worker_restarts_and_finishes_exactly(cluster, tmp_path, toy_cach
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().splitlines()[-1]
     run_dir = tmp_path / name
-    wait_for(lambda: last_step(run_dir) >= 6, 300, "training never reached step 6")
+    wait_for(
+        lambda: last_step(run_dir) >= 6 and registered(run_dir, "step_00000004"),
+        300,
+        "training never reached step 6 with the step-4 checkpoint registered",
+    )
+    assert last_step(run_dir) < max_steps, "the run ended before the kill: raise max_steps"
     victim = workers(run_dir, 1)[-1]["pid"]
     os.kill(victim, signal.SIGKILL)  # a worker process this test's cluster started
     final = wait_for(
@@ -165,7 +178,7 @@ def test_killed_worker_restarts_and_finishes_exactly(cluster, tmp_path, toy_cach
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(cluster, tmp_path, toy_cache):
-    name, max_steps = "torn", 8
+    name, max_steps = "torn", 12
     marker = tmp_path / "fault-fired"
     args = job_args(
         tmp_path,
@@ -183,14 +196,16 @@ def test_kill_during_save_resumes_from_previous_checkpoint(cluster, tmp_path, to
         "--address",
         cluster.dashboard_url,
         "--follow",
-        env={"NUANCE_FAULT": f"save:8:1:{marker}"},
+        env={"NUANCE_FAULT": f"save:12:1:{marker}"},  # 8 steps after the first checkpoint: registered
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert marker.is_file(), "the fault did not fire"
     run_dir = tmp_path / name
     restarted = workers(run_dir, 0)[-1]
-    assert restarted["resume_from"] and "step_00000004" in proc.stdout  # resumed from the step-4 checkpoint
-    meta = json.loads((run_dir / "step_00000008" / "meta.json").read_text())
+    resumed = re.search(r"resumed from \S+ at step (\d+)", proc.stdout)
+    # From a checkpoint before the torn one (4, or 8 if Ray registered it before the kill), not from scratch.
+    assert restarted["resume_from"] and resumed and int(resumed.group(1)) in (4, 8), proc.stdout[-4000:]
+    meta = json.loads((run_dir / f"step_{max_steps:08d}" / "meta.json").read_text())
     assert meta["step"] == max_steps
     assert_exactly_once(run_dir, max_steps)
