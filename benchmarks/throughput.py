@@ -150,7 +150,7 @@ class KindStep:
                 trainable_M=sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
             )
             self.objective = build_objective("eps")
-            self._loss = lambda module, b: self.objective.loss(module, b["x0"], b["cond"])
+            self.loss = lambda module, b: self.objective.loss(module, b["x0"], b["cond"])
             return
         prediction = "v" if config == "progressive" else "x0"
         self.objective = build_objective(prediction)
@@ -165,7 +165,7 @@ class KindStep:
                 )
                 return distill.transition_loss(tr, "truncated_snr")
 
-            self._loss = loss
+            self.loss = loss
             self.info.update(teacher_passes_per_step=2)
             return
         from trainers.discriminator import Discriminator
@@ -176,14 +176,11 @@ class KindStep:
         self.disc = Discriminator.from_teacher(teacher.backbone).float()
         self.losses = LightningLosses(teacher, self.objective, grids, n, 1.0, "truncated_snr")
         self.disc_module = self.disc  # the plain module until attach() hands it to its engine
-        self._loss = lambda module, b: self.losses.generator(module, self.disc_module, b["x0"], b["cond"])
+        self.loss = lambda module, b: self.losses.generator(module, self.disc_module, b["x0"], b["cond"])
         self.info.update(
             teacher_passes_per_step=n,
             disc_params_M=sum(p.numel() for p in self.disc.parameters()) / 1e6,
         )
-
-    def loss(self, module, b):
-        return self._loss(module, b)
 
     def reset(self) -> None:
         """Drop what the FLOP-counting pass left (the adversarial pending transitions)."""

@@ -590,21 +590,20 @@ class _WorkerEpoch:
         """(source, index, sample) for every sample of this worker's shards; sample is None for those
         already handed out or found bad before a resume (kept so the shuffle draws stay the same)."""
         sources = self._sources()
-        to_open = [url for source, url in sources if not self._read_before(source)]  # in reading order
         opener = _OpenAhead()
         try:
-            for source, url in sources:
+            for i, (source, url) in enumerate(sources):
                 done, size = self.done.get(source, _Ranges()), self.sizes.get(source)
                 if self._read_before(source):  # nothing left in it: do not even open it
                     yield from ((source, k, None) for k in range(size))
                     continue
-                to_open.pop(0)
                 count, error = 0, ""
                 try:
                     samples = _tar_samples(url, lambda k, d=done: k not in d, size, opener.open)
                     for sample in samples:
-                        if count == 0:  # this shard is open: open the next one
-                            opener.ahead(to_open[0] if to_open else None)
+                        if count == 0:  # this shard is open: open the next one to be read
+                            later = (u for s, u in sources[i + 1 :] if not self._read_before(s))
+                            opener.ahead(next(later, None))
                         yield source, count, sample
                         count += 1
                 except _SHARD_ERRORS:
