@@ -6,7 +6,6 @@ import io
 import json
 import os
 import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 from data.manifest import LATENTS_FORMAT, check_latents_match, encoder_identity, read_manifest
 from data.precompute import PrecomputeError, input_shards, plan_resources, precompute_latents
 from data.sharding import shard_dataset
+from tests.tar_helpers import tar_samples
 
 pytestmark = pytest.mark.slow
 
@@ -107,15 +107,6 @@ def latents(ray_local, vae, image_shards, tmp_path_factory):
     return dest, result
 
 
-def _tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
-
-
 def _npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
@@ -161,7 +152,7 @@ def test_store_sample(ray_local, vae, image_shards, tmp_path):
     assert result.encoded == ["shard-000000.tar", "shard-000001.tar"]
     manifest = read_manifest(str(dest))
     assert manifest["store"] == "sample" and manifest["num_samples"] == NUM_IMAGES
-    for sample in _tar_samples(dest / "shard-000000.tar").values():
+    for sample in tar_samples(dest / "shard-000000.tar").values():
         assert {"latent.npy", *TEXT_KEYS} <= set(sample) and "latent_mean.npy" not in sample
         latent = _npy(sample["latent.npy"])
         assert latent.shape == (4, 8, 8) and latent.dtype == np.float16
@@ -179,7 +170,7 @@ def test_failed_shard_is_reported_and_the_rest_kept(ray_local, vae, image_shards
     assert not (dest / "manifest.json").exists() and not (dest / "shard-000000.tar").exists()
     partial = json.loads((dest / "manifest.partial.json").read_text())
     assert partial["shards"] == {"shard-000001.tar": 4} and partial["complete"] is False
-    assert len(_tar_samples(dest / "shard-000001.tar")) == 4
+    assert len(tar_samples(dest / "shard-000001.tar")) == 4
 
 
 def test_latent_shards(latents, image_shards, vae):
@@ -197,7 +188,7 @@ def test_latent_shards(latents, image_shards, vae):
     assert manifest["class_names"] == ["cats", "dogs"]
 
     for name, count in manifest["shards"].items():
-        inputs, outputs = _tar_samples(image_shards / name), _tar_samples(dest / name)
+        inputs, outputs = tar_samples(image_shards / name), tar_samples(dest / name)
         assert len(outputs) == count
         assert set(outputs) <= set(inputs)  # same keys, minus the undecodable image
         for key, out in outputs.items():
@@ -222,9 +213,9 @@ def test_latents_are_in_the_trainers_space(latents, image_shards, vae):
 
     dest, _ = latents
     model = VAE(vae)
-    out = next(iter(_tar_samples(dest / "shard-000000.tar").items()))
+    out = next(iter(tar_samples(dest / "shard-000000.tar").items()))
     key, sample = out
-    source = _tar_samples(image_shards / "shard-000000.tar")[key]
+    source = tar_samples(image_shards / "shard-000000.tar")[key]
     pixels, _, _ = decode_image(source["png"], (IMAGE_SIZE, IMAGE_SIZE))
     x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     dist = model.vae.encode(x).latent_dist
@@ -254,7 +245,7 @@ def test_latent_samples_decode_for_the_trainer(latents):
         latent_dtype=manifest["latent_dtype"],
         require_caption=True,
     )
-    for key, sample in _tar_samples(dest / "shard-000000.tar").items():
+    for key, sample in tar_samples(dest / "shard-000000.tar").items():
         group, fields = decode_sample({"__key__": key, **sample}, spec, np.random.default_rng(0))
         assert group.startswith("latent:4x8x8")
         assert fields["encoder_hidden_states"].shape == tuple(manifest["text_shape"])

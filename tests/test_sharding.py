@@ -6,7 +6,6 @@ import io
 import json
 import os
 import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from data.manifest import (
     validate_manifest,
 )
 from data.sharding import plan_shards, shard_dataset
+from tests.tar_helpers import tar_samples
 
 
 def _image_bytes(seed: int, size: tuple[int, int] = (24, 20), fmt: str = "PNG") -> bytes:
@@ -37,22 +37,12 @@ def _image_bytes(seed: int, size: tuple[int, int] = (24, 20), fmt: str = "PNG") 
     return buffer.getvalue()
 
 
-def _tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
-    """All samples of a tar shard as {key: {ext: bytes}}."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
-
-
 def _all_samples(dest: Path) -> dict[str, dict[str, bytes]]:
     """Samples of every shard in ``dest``, checking the manifest's counts on the way."""
     manifest = read_manifest(str(dest))
     everything: dict[str, dict[str, bytes]] = {}
     for name, count in manifest["shards"].items():
-        samples = _tar_samples(dest / name)
+        samples = tar_samples(dest / name)
         assert len(samples) == count, name
         assert not set(samples) & set(everything), "keys repeat across shards"
         everything.update(samples)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
-import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -14,16 +13,7 @@ import pytest
 from PIL import Image
 
 from data.toy import CLASS_NAMES, COLOURS, SHAPES, draw_sample, write_toy_shards
-
-
-def _tar_samples(path: str) -> dict[str, dict[str, bytes]]:
-    """All samples of a tar shard as {key: {ext: bytes}}."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
+from tests.tar_helpers import tar_samples
 
 
 def _mtimes(dest: Path) -> dict[str, int]:
@@ -72,7 +62,7 @@ def test_shards_match_manifest(tmp_path):
 
     keys = []
     for path in paths:
-        samples = _tar_samples(path)
+        samples = tar_samples(path)
         assert len(samples) == manifest["shards"][Path(path).name]
         for key, fields in samples.items():
             assert set(fields) == {"png", "txt", "cls"}
@@ -115,7 +105,7 @@ def test_concurrent_callers(tmp_path):
     with ProcessPoolExecutor(max_workers=3, mp_context=context) as pool:
         results = list(pool.map(_write_small, [str(tmp_path)] * 3))
     assert results[0] == results[1] == results[2]
-    assert sum(len(_tar_samples(p)) for p in results[0]) == 32
+    assert sum(len(tar_samples(p)) for p in results[0]) == 32
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted(
         [Path(p).name for p in results[0]] + ["manifest.json"]
     )
