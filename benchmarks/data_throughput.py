@@ -57,7 +57,7 @@ def write_shards(folder: Path, kind: str, num_shards: int, per_shard: int) -> li
 
 
 def time_stream(spec: str, kind: str, workers: int, batches: int) -> dict:
-    from data.stream import ShardStream
+    from nuance.data.stream import ShardStream
 
     latent_shape = (4, 32, 32) if kind == "latent" else None
     stream = ShardStream(
@@ -91,8 +91,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    from data import storage
-    from data.s3server import SeaweedServer, random_credentials
+    from nuance.data import storage
+    from nuance.data.s3server import SeaweedServer, random_credentials
 
     root = Path(tempfile.mkdtemp(prefix="nuance-databench-"))
     shards = {

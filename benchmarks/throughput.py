@@ -129,15 +129,15 @@ class KindStep:
 
         import torch
 
-        from trainers import distill
-        from trainers.diffusion import build_objective
-        from trainers.diffusion.objectives import DDPMObjective
+        from nuance.trainers import distill
+        from nuance.trainers.diffusion import build_objective
+        from nuance.trainers.diffusion.objectives import DDPMObjective
 
         self.config, self.after_step = config, lambda: None
         self.info: dict = {}
         if config in ("lora", "qlora"):
-            from orchestration.schema import LoraConfig
-            from trainers.lora import apply_lora, compute_dtype
+            from nuance.orchestration.schema import LoraConfig
+            from nuance.trainers.lora import apply_lora, compute_dtype
 
             cfg = LoraConfig(
                 rank=args.lora_rank, alpha=float(args.lora_rank), quantize_base=config == "qlora"
@@ -168,8 +168,8 @@ class KindStep:
             self.loss = loss
             self.info.update(teacher_passes_per_step=2)
             return
-        from trainers.discriminator import Discriminator
-        from trainers.loops.adversarial import LightningLosses
+        from nuance.trainers.discriminator import Discriminator
+        from nuance.trainers.loops.adversarial import LightningLosses
 
         n = args.adv_teacher_steps // args.adv_student_steps
         grids = distill.nested_grids(self.objective.schedule, args.adv_student_steps, args.adv_teacher_steps)
@@ -190,7 +190,7 @@ class KindStep:
     def attach(self, engine, make_engine) -> None:
         """After the student's engine exists: QLoRA's NF4 check; the discriminator's own engine."""
         if self.config == "qlora":
-            from trainers.lora import check_quantized_base
+            from nuance.trainers.lora import check_quantized_base
 
             self.info["nf4_layers"] = check_quantized_base(engine.module, self.dtype)
         if self.config == "adversarial":
@@ -202,11 +202,11 @@ class KindStep:
 def run_worker(args, config: str, result_path: str) -> None:
     import torch
 
-    from orchestration.schema import EngineConfig, ModelConfig, OptimConfig
-    from trainers.diffusion import build_objective
-    from trainers.models.backbone import build_backbone
-    from trainers.models.presets import preset_family
-    from trainers.tracking import PEAK_TFLOPS, train_flops_per_sample, zero_grads
+    from nuance.orchestration.schema import EngineConfig, ModelConfig, OptimConfig
+    from nuance.trainers.diffusion import build_objective
+    from nuance.trainers.models.backbone import build_backbone
+    from nuance.trainers.models.presets import preset_family
+    from nuance.trainers.tracking import PEAK_TFLOPS, train_flops_per_sample, zero_grads
 
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
@@ -263,7 +263,7 @@ def run_worker(args, config: str, result_path: str) -> None:
         kind.reset()
 
     if config.startswith("engine") or kind:
-        from trainers.engine import TrainEngine
+        from nuance.trainers.engine import TrainEngine
 
         def make_engine(module, lr=1e-4):
             return TrainEngine(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data.stream import ShardStream
-from data.toy import write_toy_shards
-from orchestration.schema import DataConfig
+from nuance.data.stream import ShardStream
+from nuance.data.toy import write_toy_shards
+from nuance.orchestration.schema import DataConfig
 
 TOY_SAMPLES_PER_SHARD = 128
 
@@ -64,8 +64,8 @@ def source_manifest(cfg: DataConfig) -> dict | None:
     """The shards' manifest.json when the source is a folder / prefix that has one."""
     import json
 
-    from data import storage
-    from data.manifest import manifest_url
+    from nuance.data import storage
+    from nuance.data.manifest import manifest_url
 
     if cfg.source == "toy" or any(ch in cfg.source for ch in "{*?"):
         return None
@@ -75,7 +75,7 @@ def source_manifest(cfg: DataConfig) -> dict | None:
 
 def check_source(cfg: DataConfig, vae: str, text_encoder: str, uses_text: bool) -> None:
     """Refuse latent shards made with other encoders than the recipe's (before any worker starts)."""
-    from data.manifest import LATENTS_FORMAT, check_latents_match, encoder_identity
+    from nuance.data.manifest import LATENTS_FORMAT, check_latents_match, encoder_identity
 
     manifest = source_manifest(cfg)
     if not manifest or manifest.get("format") != LATENTS_FORMAT:

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.buckets import nearest_bucket
-from data.tarstream import TarReader
+from nuance.data.buckets import nearest_bucket
+from nuance.data.tarstream import TarReader
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 LATENT_FIELDS = ("latent_mean.npy", "latent_logvar.npy", "latent.npy")

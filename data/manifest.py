@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from data import storage
+from nuance.data import storage
 
 SHARDS_FORMAT = "nuance-shards-v1"
 LATENTS_FORMAT = "nuance-latents-v1"
@@ -229,7 +229,7 @@ def canonical_config_sha256(config: Mapping[str, Any]) -> str:
 def _model_folder(path_or_name: str) -> tuple[str, str]:
     """(folder to read, path to record) for a model given as 'minilm' or a local folder."""
     if path_or_name == "minilm":
-        from trainers.models.encoders import minilm_path
+        from nuance.trainers.models.encoders import minilm_path
 
         return minilm_path(), "minilm"  # record the name: the packaged path differs between machines
     folder = os.path.abspath(os.path.expanduser(path_or_name))

@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data import storage
-from data.manifest import (
+from nuance.data import storage
+from nuance.data.manifest import (
     LATENTS_FORMAT,
     PartialManifest,
     build_manifest,
@@ -61,7 +61,7 @@ from data.manifest import (
     split_member_name,
     write_manifest,
 )
-from data.sharding import write_tar_atomically
+from nuance.data.sharding import write_tar_atomically
 
 STORE_MODES = ("mean_logvar", "sample")
 LATENT_DTYPE = "float16"
@@ -118,7 +118,7 @@ def _read_config(path_or_name: str, role: str) -> dict[str, Any]:
     """config.json of a local model folder, or of the packaged MiniLM for 'minilm'; ``role`` (the
     argument's name) prefixes the error for a folder without one."""
     if path_or_name == "minilm":
-        from trainers.models.encoders import minilm_path
+        from nuance.trainers.models.encoders import minilm_path
 
         folder = minilm_path()
     else:
@@ -221,8 +221,8 @@ class ShardEncoder:
     def __init__(self, settings: EncodeSettings):
         import torch
 
-        from orchestration.schema import TextEncoderConfig
-        from trainers.models.encoders import VAE, TextEncoder
+        from nuance.orchestration.schema import TextEncoderConfig
+        from nuance.trainers.models.encoders import VAE, TextEncoder
 
         self.settings = settings
         self.device = torch.device(settings.device)
@@ -238,7 +238,7 @@ class ShardEncoder:
         resize to cover, center crop). The metadata is the input's json plus ``original_size`` [h, w]
         and ``crop`` [top, left] (in the resized frame), the SDXL-style micro-conditioning inputs.
         """
-        from data.decode import IMAGE_EXTENSIONS, decode_image
+        from nuance.data.decode import IMAGE_EXTENSIONS, decode_image
 
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
@@ -409,7 +409,7 @@ def input_shards(src: str) -> tuple[dict[str, str], str | None, dict[str, Any] |
     if manifest is not None:
         urls = [join_url(src, name) for name in manifest["shards"]]
     elif "{" in src:
-        from data.stream import expand_urls
+        from nuance.data.stream import expand_urls
 
         urls = expand_urls(src)
     else:

@@ -33,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from data import storage
-from data.manifest import (
+from nuance.data import storage
+from nuance.data.manifest import (
     SHARDS_FORMAT,
     PartialManifest,
     build_manifest,

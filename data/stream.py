@@ -63,8 +63,8 @@ import torch
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.buckets import make_buckets
-from data.decode import (
+from nuance.data.buckets import make_buckets
+from nuance.data.decode import (
     CORRUPT_SHARD,
     IMAGE_EXTENSIONS,
     BadSample,
@@ -131,7 +131,7 @@ class BadDataError(ValueError):
 def _storage() -> Any:
     """``data.storage`` when it is there (it adds S3 retries and listing), else None."""
     try:
-        from data import storage
+        from nuance.data import storage
     except ModuleNotFoundError as exc:
         if exc.name != "data.storage":
             raise  # storage exists but one of its own imports is missing: that is a real error

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestration.recipe import RecipeError, load_recipe, preflight, recipe_to_yaml
+from nuance.orchestration.recipe import RecipeError, load_recipe, preflight, recipe_to_yaml
 
 
 def _split_recipe_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -32,7 +32,7 @@ def cmd_recipe_show(ns: argparse.Namespace) -> int:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from orchestration.launch import run_dir_for, train
+    from nuance.orchestration.launch import run_dir_for, train
 
     name, overrides = _split_recipe_args(ns.args)
     recipe, path = load_recipe(name, overrides)
@@ -51,7 +51,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_sample(ns: argparse.Namespace) -> int:
-    from trainers.inference import sample_from_checkpoint
+    from nuance.trainers.inference import sample_from_checkpoint
 
     paths = sample_from_checkpoint(
         ns.checkpoint,
@@ -71,7 +71,7 @@ def cmd_sample(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from trainers.inference import export_diffusers
+    from nuance.trainers.inference import export_diffusers
 
     out = export_diffusers(ns.checkpoint, ns.out, use_ema=not ns.no_ema, merge_lora=ns.merge_lora)
     print(f"[nuance] wrote diffusers folder {out}")
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
-    from orchestration.commands import command_modules
+    from nuance.orchestration.commands import command_modules
 
     for module in command_modules():
         module.add_parser(sub)

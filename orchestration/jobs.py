@@ -9,13 +9,14 @@ of `k8s/` does); `--pip` adds packages to the job's runtime environment.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from orchestration.recipe import recipe_to_yaml
-from orchestration.schema import Recipe
+from nuance.orchestration.recipe import recipe_to_yaml
+from nuance.orchestration.schema import Recipe
 
 # Forwarded from the submitter's environment when set: credentials and service endpoints.
 FORWARDED_ENV = (
@@ -56,17 +57,32 @@ def client(address: str | None):
         raise JobsError(f"cannot reach the Ray cluster at {address}: {str(err).splitlines()[0]}") from err
 
 
+def ship_package(dest: Path) -> str:
+    """Copy nuance's import package (its four layer folders) to `dest/nuance` for `py_modules`.
+
+    The repo keeps the folders at its top level and the install maps them under `nuance`, so no folder
+    named `nuance` exists on disk to ship: this builds one, the same tree a wheel holds."""
+    import nuance.data
+    import nuance.orchestration
+    import nuance.recipes
+    import nuance.trainers
+
+    root = dest / "nuance"
+    for package in (nuance.orchestration, nuance.trainers, nuance.data, nuance.recipes):
+        source = Path(list(package.__path__)[0])
+        shutil.copytree(source, root / package.__name__.split(".")[-1],
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(root)
+
+
 def runtime_env(recipe: Recipe, recipe_dir: str, pip: list[str]) -> dict:
-    """Job runtime env: the recipe folder as working dir, nuance's packages, forwarded env vars."""
-    import data
-    import orchestration
-    import trainers
-    from orchestration.launch import worker_env
+    """Job runtime env: the recipe folder as working dir, nuance's package, forwarded env vars."""
+    from nuance.orchestration.launch import worker_env
 
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     env_vars.update(worker_env(recipe))
-    packages = [str(Path(m.__file__).parent) for m in (orchestration, trainers, data)]
-    env = {"working_dir": recipe_dir, "py_modules": packages, "env_vars": env_vars}
+    package = ship_package(Path(recipe_dir).parent / "package")  # beside the working dir, not in it
+    env = {"working_dir": recipe_dir, "py_modules": [package], "env_vars": env_vars}
     if pip:
         env["pip"] = list(pip)
     return env
@@ -76,11 +92,13 @@ def submit(recipe: Recipe, *, address: str | None, pip: list[str] = (), job_id: 
     """Submit the resolved recipe as a Ray job; returns the job id."""
     jobs = client(address)
     with tempfile.TemporaryDirectory(prefix="nuance-submit-") as tmp:
-        Path(tmp, "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        job_dir = Path(tmp, "job")
+        job_dir.mkdir()
+        (job_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         try:
             return jobs.submit_job(
-                entrypoint="python -m orchestration.cli train recipe.yaml",
-                runtime_env=runtime_env(recipe, tmp, list(pip)),
+                entrypoint="python -m nuance.orchestration.cli train recipe.yaml",
+                runtime_env=runtime_env(recipe, str(job_dir), list(pip)),
                 submission_id=job_id,
                 metadata={"nuance_recipe": recipe.name},
             )

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from orchestration.schema import Recipe
+from nuance.orchestration.schema import Recipe
 
 RAY_API_VERSION = "ray.io/v1"
 RAY_VERSION = "2.60.0"

@@ -7,8 +7,8 @@ import os
 import uuid
 from pathlib import Path
 
-from orchestration.recipe import recipe_to_dict, with_absolute_paths
-from orchestration.schema import Recipe
+from nuance.orchestration.recipe import recipe_to_dict, with_absolute_paths
+from nuance.orchestration.schema import Recipe
 
 
 def is_remote(path: str) -> bool:
@@ -32,14 +32,14 @@ def run_dir_for(recipe: Recipe) -> Path:
 
 
 def has_checkpoints(url: str) -> bool:
-    from data import storage
+    from nuance.data import storage
 
     return bool(storage.list_urls(f"{url}/step_*/meta.json"))
 
 
 def run_identity(recipe: Recipe, url: str) -> str:
     """The run's stable id (also its W&B id), created once and kept in run.json beside the checkpoints."""
-    from data import storage
+    from nuance.data import storage
 
     path = f"{url}/run.json"
     if storage.exists(path):
@@ -90,10 +90,10 @@ def train(recipe: Recipe):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from data import storage
-    from data.builder import check_source, ensure_toy_dataset
-    from trainers.entry import train_func
-    from trainers.models.presets import preset_conditioning
+    from nuance.data import storage
+    from nuance.data.builder import check_source, ensure_toy_dataset
+    from nuance.trainers.entry import train_func
+    from nuance.trainers.models.presets import preset_conditioning
 
     recipe = with_absolute_paths(recipe)
     run_dir, url = run_dir_for(recipe), storage_url(recipe)

@@ -16,8 +16,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from orchestration import schema
-from orchestration.schema import Recipe
+from nuance.orchestration import schema
+from nuance.orchestration.schema import Recipe
 
 DEFAULT_RECIPE = "quickstart"
 
@@ -27,9 +27,10 @@ class RecipeError(ValueError):
 
 
 def shipped_recipe_dirs() -> list[Path]:
-    """The installed `recipes/` folder (a YAML-only namespace package of the distribution)."""
-    spec = importlib.util.find_spec("recipes")
-    return [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    """The folder of the recipes nuance ships (`nuance.recipes`, YAML only)."""
+    import nuance.recipes
+
+    return [Path(p) for p in nuance.recipes.__path__]
 
 
 def resolve_recipe_path(name_or_path: str | None) -> Path:
@@ -104,7 +105,7 @@ def _choice(value: Any, choices: tuple, source: str, key: str) -> None:
 
 def validate(recipe: Recipe, source: str = "recipe") -> None:
     """Checks of values and combinations that the types alone cannot express."""
-    from trainers.models.presets import PRESETS, preset_family
+    from nuance.trainers.models.presets import PRESETS, preset_family
 
     _choice(recipe.kind, schema.RECIPE_KINDS, source, "kind")
     _check(

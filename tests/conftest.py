@@ -48,7 +48,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def nuance_cli() -> list[str]:
     """The installed console script, run as a subprocess like a user would."""
-    return [sys.executable, "-m", "orchestration.cli"]
+    return [sys.executable, "-m", "nuance.orchestration.cli"]
 
 
 @pytest.fixture(scope="session")

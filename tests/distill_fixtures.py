@@ -21,7 +21,7 @@ TEACHER_LR = 2e-3
 
 def debug_recipe(kind: str, *overrides: str):
     """A shipped debug distillation recipe ('progressive' or 'adversarial') with overrides."""
-    from orchestration.recipe import load_recipe
+    from nuance.orchestration.recipe import load_recipe
 
     recipe, _ = load_recipe(f"distill/{kind}_pixart_debug", list(overrides))
     return recipe
@@ -40,8 +40,8 @@ def train_teacher(recipe, out: Path, steps: int = TEACHER_STEPS, seed: int = 0) 
 
 
 def _train(recipe, out: Path, steps: int, seed: int) -> Path:
-    from data.builder import build_stream
-    from trainers.components import build_components
+    from nuance.data.builder import build_stream
+    from nuance.trainers.components import build_components
 
     torch.manual_seed(seed)
     comps = build_components(recipe)  # model.pretrained is unset: a fresh backbone

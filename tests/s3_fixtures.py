@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from data.s3server import CONFLICTING_ENV, SeaweedServer, random_credentials
-from data.storage import RETRY_SECONDS_ENV
+from nuance.data.s3server import CONFLICTING_ENV, SeaweedServer, random_credentials
+from nuance.data.storage import RETRY_SECONDS_ENV
 
 TEST_BUCKET = "nuance-test"
 # A broken test should fail within seconds, not wait out the production default of 120 s.

@@ -18,7 +18,7 @@ import pytest
 from tests.ray_local_cluster import LocalRayCluster
 
 pytestmark = pytest.mark.slow
-CLI = [sys.executable, "-m", "orchestration.cli"]
+CLI = [sys.executable, "-m", "nuance.orchestration.cli"]
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.builder import ensure_toy_dataset
-from data.s3server import SeaweedServer, random_credentials
-from data.stream import ShardStream
-from orchestration.recipe import RecipeError, load_recipe, preflight
-from orchestration.schema import DataConfig
+from nuance.data.builder import ensure_toy_dataset
+from nuance.data.s3server import SeaweedServer, random_credentials
+from nuance.data.stream import ShardStream
+from nuance.orchestration.recipe import RecipeError, load_recipe, preflight
+from nuance.orchestration.schema import DataConfig
 from tests.conftest import tiny_vae
 
 pytestmark = pytest.mark.slow
-CLI = [sys.executable, "-m", "orchestration.cli"]
+CLI = [sys.executable, "-m", "nuance.orchestration.cli"]
 
 
 def recipe_for(tmp_path, toy_cache, name: str, *overrides: str):
@@ -49,7 +49,7 @@ def run_keys(run_dir: Path) -> list[str]:
 
 
 def test_quickstart_streams_from_s3(tmp_path, toy_cache, s3_server, s3_bucket, ray_cluster):
-    from orchestration.launch import train
+    from nuance.orchestration.launch import train
 
     shards = ensure_toy_dataset(DataConfig(cache_dir=str(toy_cache)))
     copy = subprocess.run(
@@ -74,8 +74,8 @@ def test_quickstart_streams_from_s3(tmp_path, toy_cache, s3_server, s3_bucket, r
 def test_shard_precompute_then_train_on_latents(tmp_path, toy_cache, ray_cluster):
     import numpy as np
 
-    from data.toy import draw_sample
-    from orchestration.launch import train
+    from nuance.data.toy import draw_sample
+    from nuance.orchestration.launch import train
 
     images = tmp_path / "images"
     images.mkdir()
@@ -144,7 +144,7 @@ def test_shard_precompute_then_train_on_latents(tmp_path, toy_cache, ray_cluster
     other = tiny_vae(tmp_path / "other-vae")
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
-    from orchestration.launch import train as train_again
+    from nuance.orchestration.launch import train as train_again
 
     wrong = recipe_for(tmp_path, toy_cache, "wrong", f"data.source={tmp_path / 'latents'}", f"vae={other}")
     preflight(wrong)
@@ -154,7 +154,7 @@ def test_shard_precompute_then_train_on_latents(tmp_path, toy_cache, ray_cluster
 
 def test_stream_waits_through_s3_restart(tmp_path, toy_cache, s3_server):
     """The S3 server restarts mid-stream: the stream retries and continues; every sample still once."""
-    from data import storage
+    from nuance.data import storage
 
     shards = ensure_toy_dataset(DataConfig(cache_dir=str(toy_cache), toy_samples=2048))
     access, secret = random_credentials()
@@ -188,7 +188,7 @@ def test_stream_waits_through_s3_restart(tmp_path, toy_cache, s3_server):
 
 
 def test_checkpoints_on_s3_resume_and_sample(tmp_path, toy_cache, s3_server, s3_bucket, ray_cluster):
-    from orchestration.launch import train
+    from nuance.orchestration.launch import train
 
     storage_path = f"{s3_bucket}runs"
     first = recipe_for(
@@ -216,7 +216,7 @@ def test_checkpoints_on_s3_resume_and_sample(tmp_path, toy_cache, s3_server, s3_
     )
     result = train(second)
     assert result.error is None
-    from data import storage
+    from nuance.data import storage
 
     assert storage.exists(f"{storage_path}/remote/step_00000002/meta.json")
     assert storage.exists(f"{storage_path}/remote/step_00000004/deepspeed/latest")

@@ -20,13 +20,13 @@ import pytest
 import torch
 from torch import nn
 
-from orchestration.recipe import RecipeError, load_recipe
-from orchestration.schema import ModelConfig
+from nuance.orchestration.recipe import RecipeError, load_recipe
+from nuance.orchestration.schema import ModelConfig
 from tests.distill_fixtures import debug_recipe
-from trainers import distill
-from trainers.diffusion import DDPMObjective, DiscreteSchedule
-from trainers.discriminator import Discriminator, discriminator_loss, generator_loss
-from trainers.models.backbone import build_backbone
+from nuance.trainers import distill
+from nuance.trainers.diffusion import DDPMObjective, DiscreteSchedule
+from nuance.trainers.discriminator import Discriminator, discriminator_loss, generator_loss
+from nuance.trainers.models.backbone import build_backbone
 
 EVAL_PROMPTS = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("circle", "square")]
 
@@ -324,7 +324,7 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
 
 
 def _launch(kind: str, name: str, tmp_path, toy_cache, teacher, *overrides):
-    from orchestration.launch import train
+    from nuance.orchestration.launch import train
 
     recipe = debug_recipe(
         kind,
@@ -346,8 +346,8 @@ def _launch(kind: str, name: str, tmp_path, toy_cache, teacher, *overrides):
 def sample_mse(teacher_dir: Path, checkpoint: Path, student_steps: int) -> dict[str, float]:
     """MSE (images in [0, 1]) to the teacher's 32-step DDIM samples, same initial noise and prompts, no CFG:
     the teacher at student_steps, and the student at student_steps."""
-    from trainers.inference import load_checkpoint_model
-    from trainers.sampling import generate
+    from nuance.trainers.inference import load_checkpoint_model
+    from nuance.trainers.sampling import generate
 
     recipe, comps = load_checkpoint_model(checkpoint, use_ema=False)
     teacher_model = ModelConfig(name=recipe.model.name, pretrained=str(teacher_dir))
@@ -449,7 +449,7 @@ def test_adversarial_4_step_student_resumes_and_beats_the_teachers_4_steps(
     last = run / "step_00000100"
     assert (last / "deepspeed_discriminator" / "state").is_dir()  # the second engine is checkpointed
 
-    from trainers.inference import sample_from_checkpoint  # what `nuance sample CKPT --steps 4` runs
+    from nuance.trainers.inference import sample_from_checkpoint  # what `nuance sample CKPT --steps 4` runs
 
     assert len(sample_from_checkpoint(last, prompts=["a red circle"], classes=[], steps=4, cfg=1.0,
                                       num_per_condition=2, out=tmp_path / "png")) == 2  # fmt: skip

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from orchestration.schema import EngineConfig, OptimConfig
+from nuance.orchestration.schema import EngineConfig, OptimConfig
 from tests.conftest import free_port
-from trainers.engine import deepspeed_config, lr_multiplier
+from nuance.trainers.engine import deepspeed_config, lr_multiplier
 
 
 def test_deepspeed_config_is_derived_from_the_recipe():
@@ -54,9 +54,9 @@ def _batch(rank: int, step: int):
 
 
 def _make_engine(stage: int):
-    from orchestration.schema import ModelConfig
-    from trainers.engine import TrainEngine
-    from trainers.models.backbone import build_backbone
+    from nuance.orchestration.schema import ModelConfig
+    from nuance.trainers.engine import TrainEngine
+    from nuance.trainers.models.backbone import build_backbone
 
     torch.manual_seed(0)
     model = build_backbone(ModelConfig(name="dit_debug", num_classes=4), in_channels=3, sample_size=8)
@@ -71,7 +71,7 @@ def _make_engine(stage: int):
 
 
 def _steps(engine, rank: int, steps: range) -> list[float]:
-    from trainers.diffusion import build_objective
+    from nuance.trainers.diffusion import build_objective
 
     objective = build_objective("eps")
     losses = []

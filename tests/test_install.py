@@ -20,7 +20,7 @@ import pytest
 from packaging.markers import Marker
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("orchestration", "trainers", "data")
+PACKAGES = ("orchestration", "trainers", "data")  # folders; imported as nuance.<folder>
 
 
 def _python_files(*folders: str) -> list[Path]:
@@ -31,7 +31,7 @@ def _modules(package: str) -> list[str]:
     names = []
     for path in _python_files(package):
         parts = path.relative_to(REPO).with_suffix("").parts
-        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+        names.append("nuance." + ".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return names
 
 
@@ -101,7 +101,7 @@ def _declared_closure() -> set[str]:
 
 
 def test_every_import_is_declared_in_pyproject() -> None:
-    own = set(PACKAGES) | {"recipes", "tests", "benchmarks"}
+    own = {"nuance", "tests", "benchmarks"}
     test_helpers = {p.stem for p in (REPO / "tests").glob("*.py")}
     distributions = metadata.packages_distributions()
     declared = _declared_closure()
@@ -124,8 +124,8 @@ def test_importing_every_module_prints_nothing() -> None:
     assert len(modules) > 30
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS",)}
-    out = subprocess.run(
-        [sys.executable, "-c", code, *modules], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    out = subprocess.run(  # from a folder outside the repo: only the installed package can be found
+        [sys.executable, "-c", code, *modules], cwd=REPO.parent, env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout == "" and out.stderr == "", (out.stdout + out.stderr)[-3000:]
@@ -145,7 +145,7 @@ def test_cli_names_the_extra_when_weed_is_missing(command: list[str], tmp_path: 
     """After install command (a) alone there is no `weed`: one line says which extra brings it."""
     env = dict(os.environ, PATH="/usr/bin:/bin", HOME=str(tmp_path))
     out = subprocess.run(
-        [sys.executable, "-m", "orchestration.cli", *command, "--dir", str(tmp_path / "s3")],
+        [sys.executable, "-m", "nuance.orchestration.cli", *command, "--dir", str(tmp_path / "s3")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 2

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestration import k8s
-from orchestration.recipe import load_recipe, recipe_to_yaml
+from nuance.orchestration import k8s
+from nuance.orchestration.recipe import load_recipe, recipe_to_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"

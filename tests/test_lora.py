@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from orchestration.recipe import RecipeError, load_recipe
-from orchestration.schema import LoraConfig, ModelConfig
+from nuance.orchestration.recipe import RecipeError, load_recipe
+from nuance.orchestration.schema import LoraConfig, ModelConfig
 from tests.conftest import free_port
-from trainers import lora as L
-from trainers.models.backbone import NET_CLASSES, build_backbone
-from trainers.models.presets import preset_conditioning
+from nuance.trainers import lora as L
+from nuance.trainers.models.backbone import NET_CLASSES, build_backbone
+from nuance.trainers.models.presets import preset_conditioning
 
 TEXT_DIM = 384  # width of the offline MiniLM text encoder
 FAMILIES = {"dit_debug": "dit", "pixart_debug": "pixart", "unet_debug": "unet"}
@@ -289,9 +289,9 @@ def _engine_worker(rank: int, port: int, out_dir: str) -> None:
     )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    from orchestration.schema import EngineConfig, OptimConfig
-    from trainers.diffusion import build_objective
-    from trainers.loops.lora import AdapterEngine
+    from nuance.orchestration.schema import EngineConfig, OptimConfig
+    from nuance.trainers.diffusion import build_objective
+    from nuance.trainers.loops.lora import AdapterEngine
 
     def make():
         backbone = tiny_backbone("pixart_debug", channels=3)
@@ -366,7 +366,7 @@ def red_world(tmp_path_factory):
     to red ones, as WebDataset shards, with their mean colour."""
     import webdataset as wds
 
-    from data.toy import _png_bytes, draw_sample
+    from nuance.data.toy import _png_bytes, draw_sample
 
     root = tmp_path_factory.mktemp("lora-world")
     tiny_backbone("pixart_debug", channels=3, size=32).net.save_pretrained(root / "base")
@@ -407,9 +407,9 @@ def lora_recipe(world: Path, storage: Path, name: str, *overrides: str):
 def assert_samples_moved_to_red(ckpt: Path, world: Path, out: Path) -> None:
     """Samples of the LoRA checkpoint (`nuance sample`'s code path) against its base model's for the
     same prompts and noise: redder, mean (R - B), and closer in mean colour to the red fine-tuning set."""
-    from trainers.components import build_components
-    from trainers.inference import load_checkpoint_model, sample_from_checkpoint
-    from trainers.sampling import generate
+    from nuance.trainers.components import build_components
+    from nuance.trainers.inference import load_checkpoint_model, sample_from_checkpoint
+    from nuance.trainers.sampling import generate
 
     kw = dict(prompts=PROMPTS, classes=[], num_per_condition=3, steps=8, cfg=1.0)
     tuned = mean_rgb(sample_from_checkpoint(ckpt, out=out, seed=0, **kw))
@@ -434,9 +434,9 @@ def test_lora_finetune_resumes_moves_samples_to_the_data_and_exports(tmp_path, r
     from diffusers import PixArtTransformer2DModel
     from peft import PeftModel
 
-    from orchestration.cli import main as cli_main
-    from orchestration.launch import train
-    from trainers.inference import export_diffusers, load_checkpoint_model
+    from nuance.orchestration.cli import main as cli_main
+    from nuance.orchestration.launch import train
+    from nuance.trainers.inference import export_diffusers, load_checkpoint_model
 
     steps = 12
     first = lora_recipe(red_world, tmp_path, "red", "train.max_steps=2")
@@ -478,8 +478,8 @@ def test_qlora_finetune_moves_samples_and_merges(tmp_path, red_world, ray_cluste
     import bitsandbytes as bnb
     from diffusers import PixArtTransformer2DModel
 
-    from orchestration.launch import train
-    from trainers.inference import export_diffusers, load_checkpoint_model
+    from nuance.orchestration.launch import train
+    from nuance.trainers.inference import export_diffusers, load_checkpoint_model
 
     overrides = (
         "lora.quantize_base=true",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestration.schema import ModelConfig, TextEncoderConfig
+from nuance.orchestration.schema import ModelConfig, TextEncoderConfig
 from tests.conftest import tiny_vae
-from trainers.conditioning import Conditioner
-from trainers.models.backbone import build_backbone
-from trainers.models.encoders import VAE, TextEncoder, build_autoencoder
-from trainers.models.presets import PRESETS, preset_conditioning
+from nuance.trainers.conditioning import Conditioner
+from nuance.trainers.models.backbone import build_backbone
+from nuance.trainers.models.encoders import VAE, TextEncoder, build_autoencoder
+from nuance.trainers.models.presets import PRESETS, preset_conditioning
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainers.diffusion import (
+from nuance.trainers.diffusion import (
     DDPMObjective,
     DiscreteSchedule,
     FlowObjective,

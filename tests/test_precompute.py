@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data.manifest import LATENTS_FORMAT, check_latents_match, encoder_identity, read_manifest
-from data.precompute import PrecomputeError, input_shards, plan_resources, precompute_latents
-from data.sharding import shard_dataset
+from nuance.data.manifest import LATENTS_FORMAT, check_latents_match, encoder_identity, read_manifest
+from nuance.data.precompute import PrecomputeError, input_shards, plan_resources, precompute_latents
+from nuance.data.sharding import shard_dataset
 from tests.tar_helpers import tar_samples
 
 pytestmark = pytest.mark.slow
@@ -208,8 +208,8 @@ def test_latent_shards(latents, image_shards, vae):
 
 def test_latents_are_in_the_trainers_space(latents, image_shards, vae):
     """latent_mean = (posterior mean - shift) * scale, as trainers.models.encoders.VAE.encode scales."""
-    from data.decode import decode_image
-    from trainers.models.encoders import VAE
+    from nuance.data.decode import decode_image
+    from nuance.trainers.models.encoders import VAE
 
     dest, _ = latents
     model = VAE(vae)
@@ -232,7 +232,7 @@ def test_latents_are_in_the_trainers_space(latents, image_shards, vae):
 
 def test_latent_samples_decode_for_the_trainer(latents):
     """The trainer's decoder (data.decode) reads the latent samples with the manifest's shapes."""
-    from data.decode import DecodeSpec, decode_sample
+    from nuance.data.decode import DecodeSpec, decode_sample
 
     dest, _ = latents
     manifest = read_manifest(str(dest))

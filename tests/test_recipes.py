@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.recipe import RecipeError, load_recipe, preflight, recipe_from_dict, recipe_to_dict
-from orchestration.schema import Recipe
+from nuance.orchestration.recipe import RecipeError, load_recipe, preflight, recipe_from_dict, recipe_to_dict
+from nuance.orchestration.schema import Recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
 
@@ -104,7 +104,7 @@ def test_preflight_checks_local_paths(tmp_path):
 
 def test_cli_recipe_show_prints_resolved_recipe():
     out = subprocess.run(
-        [sys.executable, "-m", "orchestration.cli", "recipe", "show", "quickstart", "train.max_steps=9"],
+        [sys.executable, "-m", "nuance.orchestration.cli", "recipe", "show", "quickstart", "train.max_steps=9"],
         capture_output=True,
         text=True,
         check=True,
@@ -114,7 +114,7 @@ def test_cli_recipe_show_prints_resolved_recipe():
 
 def test_cli_bad_recipe_exits_2_with_one_line():
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestration.cli", "recipe", "show", "quickstart", "model.nmae=x"],
+        [sys.executable, "-m", "nuance.orchestration.cli", "recipe", "show", "quickstart", "model.nmae=x"],
         capture_output=True,
         text=True,
     )
@@ -124,7 +124,7 @@ def test_cli_bad_recipe_exits_2_with_one_line():
 
 
 def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
-    from orchestration.recipe import with_absolute_paths
+    from nuance.orchestration.recipe import with_absolute_paths
 
     monkeypatch.chdir(tmp_path)
     recipe, _ = load_recipe("quickstart", ["vae=models/vae", "data.source=shards/", "model.pretrained=base"])

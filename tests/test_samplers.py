@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from trainers.diffusion import (
+from nuance.trainers.diffusion import (
     DDPMObjective,
     DiscreteSchedule,
     FlowObjective,

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from data import sharding
-from data.manifest import (
+from nuance.data import sharding
+from nuance.data.manifest import (
     LATENTS_FORMAT,
     SHARDS_FORMAT,
     build_manifest,
@@ -24,7 +24,7 @@ from data.manifest import (
     read_manifest,
     validate_manifest,
 )
-from data.sharding import plan_shards, shard_dataset
+from nuance.data.sharding import plan_shards, shard_dataset
 from tests.tar_helpers import tar_samples
 
 
@@ -77,7 +77,7 @@ def captioned(tmp_path) -> tuple[Path, dict[str, tuple[bytes, str]]]:
 
 
 def test_stream_extensions_match_the_trainers_decoder():
-    from data.decode import IMAGE_EXTENSIONS
+    from nuance.data.decode import IMAGE_EXTENSIONS
 
     assert sharding.STREAM_EXTENSIONS == IMAGE_EXTENSIONS
 
@@ -356,7 +356,7 @@ def test_cli_shard(nuance_cli, captioned, tmp_path):
 
 
 def test_shards_feed_the_training_stream(captioned, tmp_path):
-    from data.stream import expand_urls, iter_tar_samples
+    from nuance.data.stream import expand_urls, iter_tar_samples
 
     root, expected = captioned
     dest = tmp_path / "out"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from data import storage
-from data.s3server import SeaweedServer, random_credentials
+from nuance.data import storage
+from nuance.data.s3server import SeaweedServer, random_credentials
 from tests.s3_fixtures import apply_env, server_env
 
 MiB = 2**20
@@ -244,7 +244,7 @@ def test_closed_reader_stops_reading_ahead(s3_bucket, monkeypatch):
 
 
 def test_cli_ls_and_cp(s3_bucket, tmp_path, nuance_cli, capsys):
-    from orchestration.cli import main
+    from nuance.orchestration.cli import main
 
     src = tmp_path / "src"
     for rel, data in {"a.tar": b"a", "sub/b.tar": b"bb", "sub/deeper/c.txt": b"ccc"}.items():
@@ -312,7 +312,7 @@ def test_open_url_survives_server_restart(tmp_path, monkeypatch):
 
 
 def test_cli_serve_prints_env_and_stops_on_ctrl_c(tmp_path, nuance_cli):
-    from data.s3server import pick_ports
+    from nuance.data.s3server import pick_ports
 
     port = pick_ports()["s3.port"]
     proc = subprocess.Popen(

@@ -16,10 +16,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-import data.stream
-from data.buckets import make_buckets, nearest_bucket
-from data.stream import ShardStream, expand_urls, open_url, rank_shards
-from data.toy import CLASS_NAMES, write_toy_shards
+import nuance.data.stream
+from nuance.data.buckets import make_buckets, nearest_bucket
+from nuance.data.stream import ShardStream, expand_urls, open_url, rank_shards
+from nuance.data.toy import CLASS_NAMES, write_toy_shards
 
 NUM_SAMPLES, PER_SHARD, SIZE = 64, 8, 16  # 8 shards; 2 ranks x 2 workers x 2 shards x 8 samples
 BATCHES_PER_EPOCH = NUM_SAMPLES // 2 // 4  # per rank, world_size=2, batch_size=4
@@ -160,7 +160,7 @@ def _tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
 @pytest.mark.parametrize("compression", ["", "gz", "bz2", "xz"])
 @pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_tar_reader_reads_what_tarfile_reads(tar_format, compression):
-    from data.tarstream import TarReader
+    from nuance.data.tarstream import TarReader
 
     data = _tar_with_every_kind_of_member(tar_format, compression)
     expected = _tarfile_members(data)
@@ -170,7 +170,7 @@ def test_tar_reader_reads_what_tarfile_reads(tar_format, compression):
 
 
 def test_tar_reader_rejects_damaged_archives():
-    from data.tarstream import TarReader
+    from nuance.data.tarstream import TarReader
 
     data = _tar_with_every_kind_of_member(tarfile.PAX_FORMAT, "")
     flipped = bytearray(data)  # blocks: dir/, link, a.txt headers, a.txt data, next header
@@ -195,7 +195,7 @@ def test_remote_fsspec_urls_stream_like_local_ones(shards):
 def test_s3_shards_are_opened_while_the_one_before_is_read(shards, s3_bucket, monkeypatch):
     """Each S3 shard after the first is opened (and fetching) before the previous one is closed; the
     batches are those of the local shards; a shard that cannot be opened ahead counts as corrupt."""
-    from data import storage
+    from nuance.data import storage
 
     remote = []
     for path in shards[:3]:

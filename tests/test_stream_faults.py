@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data.stream import BadDataError, ShardStream
+from nuance.data.stream import BadDataError, ShardStream
 
 GOOD_PER_SHARD, SHARDS = 12, 3
 

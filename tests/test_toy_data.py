@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.toy import CLASS_NAMES, COLOURS, SHAPES, draw_sample, write_toy_shards
+from nuance.data.toy import CLASS_NAMES, COLOURS, SHAPES, draw_sample, write_toy_shards
 from tests.tar_helpers import tar_samples
 
 

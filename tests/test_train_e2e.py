@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from orchestration.recipe import load_recipe
+from nuance.orchestration.recipe import load_recipe
 from tests.conftest import tiny_vae
 
 pytestmark = pytest.mark.slow
@@ -113,7 +113,7 @@ def test_quickstart_cli_trains_samples_and_exports(tmp_path, toy_cache, nuance_c
     assert proc.returncode == 0, proc.stderr[-3000:]
     from diffusers import FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel
 
-    from trainers.inference import load_checkpoint_model
+    from nuance.trainers.inference import load_checkpoint_model
 
     stock = PixArtTransformer2DModel.from_pretrained(export_dir / "transformer").eval()
     FlowMatchEulerDiscreteScheduler.from_pretrained(export_dir / "scheduler")
@@ -153,7 +153,7 @@ def small_recipe(tmp_path, toy_cache, name: str, *overrides: str):
 
 
 def test_resume_reproduces_uninterrupted_loss(tmp_path, toy_cache, ray_cluster):
-    from orchestration.launch import train
+    from nuance.orchestration.launch import train
 
     straight = small_recipe(tmp_path, toy_cache, "straight", "train.max_steps=6", "train.ckpt_every=3")
     assert train(straight).error is None
@@ -172,8 +172,8 @@ def test_resume_reproduces_uninterrupted_loss(tmp_path, toy_cache, ray_cluster):
 def test_zero3_latent_unet_checkpoint_exports_to_diffusers(tmp_path, toy_cache, ray_cluster):
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    from orchestration.launch import train
-    from trainers.inference import export_diffusers, load_checkpoint_model
+    from nuance.orchestration.launch import train
+    from nuance.trainers.inference import export_diffusers, load_checkpoint_model
 
     tiny_vae(tmp_path / "vae", sample_size=32)
     recipe = small_recipe(

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainers import faults
-from trainers.ema import EMA, consolidate
+from nuance.trainers import faults
+from nuance.trainers.ema import EMA, consolidate
 
 FORMAT = "nuance-ckpt-v1"
 

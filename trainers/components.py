@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestration.schema import ObjectiveConfig, Recipe
-from trainers.conditioning import Conditioner
-from trainers.diffusion import build_objective
-from trainers.models.backbone import Backbone, build_backbone
-from trainers.models.encoders import PixelSpace, TextEncoder, build_autoencoder
-from trainers.models.presets import preset_conditioning
+from nuance.orchestration.schema import ObjectiveConfig, Recipe
+from nuance.trainers.conditioning import Conditioner
+from nuance.trainers.diffusion import build_objective
+from nuance.trainers.models.backbone import Backbone, build_backbone
+from nuance.trainers.models.encoders import PixelSpace, TextEncoder, build_autoencoder
+from nuance.trainers.models.presets import preset_conditioning
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from trainers.models.encoders import TextEncoder
+from nuance.trainers.models.encoders import TextEncoder
 
 
 class Conditioner:

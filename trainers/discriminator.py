@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.models.backbone import Backbone
+from nuance.trainers.models.backbone import Backbone
 
 
 def _copy_without(module: nn.Module, names: tuple[str, ...]) -> nn.Module:

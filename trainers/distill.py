@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orchestration.schema import ModelConfig, Recipe
-from trainers.diffusion.objectives import DDPMObjective
-from trainers.diffusion.schedules import DiscreteSchedule
-from trainers.ema import EMA
-from trainers.loops.harness import Harness
-from trainers.models.backbone import Backbone, build_backbone
+from nuance.orchestration.schema import ModelConfig, Recipe
+from nuance.trainers.diffusion.objectives import DDPMObjective
+from nuance.trainers.diffusion.schedules import DiscreteSchedule
+from nuance.trainers.ema import EMA
+from nuance.trainers.loops.harness import Harness
+from nuance.trainers.models.backbone import Backbone, build_backbone
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trainers.engine import ensure_deepspeed_accelerator
+from nuance.trainers.engine import ensure_deepspeed_accelerator
 
 
 def _loop(kind: str):
@@ -35,8 +35,8 @@ def train_func(config: dict) -> None:
     ensure_deepspeed_accelerator()
     import ray.train
 
-    from orchestration.recipe import recipe_from_dict
-    from trainers.context import RunContext
+    from nuance.orchestration.recipe import recipe_from_dict
+    from nuance.trainers.context import RunContext
 
     recipe = recipe_from_dict(config["recipe"])
     context = ray.train.get_context()

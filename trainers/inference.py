@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from orchestration.schema import Recipe
-from trainers import checkpoint
-from trainers.components import Components, build_components
-from trainers.models.backbone import SUBFOLDER
-from trainers.sampling import generate, save_images
+from nuance.orchestration.schema import Recipe
+from nuance.trainers import checkpoint
+from nuance.trainers.components import Components, build_components
+from nuance.trainers.models.backbone import SUBFOLDER
+from nuance.trainers.sampling import generate, save_images
 
 PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 BETA_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
@@ -27,7 +27,7 @@ def local_checkpoint(ckpt_dir: str | Path) -> Path:
     import hashlib
     import os
 
-    from data import storage
+    from nuance.data import storage
 
     target = (
         Path(os.path.expanduser("~/.cache/nuance/checkpoints"))
@@ -47,7 +47,7 @@ def load_checkpoint_model(
         OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.load(ckpt_dir / "recipe.yaml"))
     )
     if recipe.kind == "lora":  # adapter-only checkpoint: the base is model.pretrained
-        from trainers.lora import load_lora_checkpoint
+        from nuance.trainers.lora import load_lora_checkpoint
 
         return recipe, load_lora_checkpoint(ckpt_dir, recipe, use_ema, device)
     recipe.model.pretrained = None  # the checkpoint holds every weight; build the architecture only
@@ -134,7 +134,7 @@ def export_diffusers(
         raise FileExistsError(f"export target {out} is not empty")
     lora = None
     if recipe.kind == "lora":
-        from trainers.lora import export_lora
+        from nuance.trainers.lora import export_lora
 
         lora = export_lora(comps.backbone, out / "lora", merge=merge_lora)  # leaves a plain backbone
     elif merge_lora:

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orchestration.schema import LoraConfig, Recipe
-from trainers.models.backbone import Backbone
+from nuance.orchestration.schema import LoraConfig, Recipe
+from nuance.trainers.models.backbone import Backbone
 
 ADAPTER = "default"  # peft's adapter name; one adapter per backbone
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -363,8 +363,8 @@ def load_lora_checkpoint(
 ):
     """Components of a kind-lora checkpoint: the base from `model.pretrained`, the adapters (QLoRA: on
     the NF4 base, as trained) with the checkpoint's (EMA) adapter weights."""
-    from trainers import checkpoint
-    from trainers.components import build_components
+    from nuance.trainers import checkpoint
+    from nuance.trainers.components import build_components
 
     pretrained = recipe.model.pretrained
     if not pretrained or not Path(os.path.expanduser(pretrained)).is_dir():

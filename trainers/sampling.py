@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainers.conditioning import Conditioner
-from trainers.diffusion import classifier_free_guidance
+from nuance.trainers.conditioning import Conditioner
+from nuance.trainers.diffusion import classifier_free_guidance
 
 
 @torch.no_grad()

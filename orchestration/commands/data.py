@@ -17,7 +17,7 @@ import sys
 
 def cmd_shard(ns: argparse.Namespace) -> int:
     """Pack an image folder or listing into WebDataset shards."""
-    from data.sharding import shard_dataset
+    from nuance.data.sharding import shard_dataset
 
     result = shard_dataset(
         ns.src,
@@ -41,7 +41,7 @@ def cmd_shard(ns: argparse.Namespace) -> int:
 
 def cmd_precompute(ns: argparse.Namespace) -> int:
     """Encode image shards into latent shards with Ray Data."""
-    from data.precompute import PrecomputeError, precompute_latents
+    from nuance.data.precompute import PrecomputeError, precompute_latents
 
     try:
         result = precompute_latents(

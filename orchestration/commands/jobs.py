@@ -15,9 +15,9 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_submit(ns: argparse.Namespace) -> int:
-    from orchestration.cli import _split_recipe_args
-    from orchestration.jobs import follow, status, submit
-    from orchestration.recipe import load_recipe
+    from nuance.orchestration.cli import _split_recipe_args
+    from nuance.orchestration.jobs import follow, status, submit
+    from nuance.orchestration.recipe import load_recipe
 
     name, overrides = _split_recipe_args(ns.args)
     recipe, path = load_recipe(name, overrides)
@@ -34,7 +34,7 @@ def cmd_submit(ns: argparse.Namespace) -> int:
 
 
 def cmd_jobs(ns: argparse.Namespace) -> int:
-    from orchestration import jobs
+    from nuance.orchestration import jobs
 
     if ns.jobs_command == "list":
         for info in jobs.list_jobs(ns.address):
@@ -59,7 +59,7 @@ def cmd_jobs(ns: argparse.Namespace) -> int:
 
 def _guard(func):
     def run(ns: argparse.Namespace) -> int:
-        from orchestration.jobs import JobsError
+        from nuance.orchestration.jobs import JobsError
 
         try:
             return func(ns)

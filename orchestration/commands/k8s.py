@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestration.k8s import DEFAULT_IMAGE  # light: yaml + the schema dataclasses
+from nuance.orchestration.k8s import DEFAULT_IMAGE  # light: yaml + the schema dataclasses
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -45,9 +45,9 @@ def _note(message: str) -> None:
 
 
 def cmd_render(ns: argparse.Namespace) -> int:
-    from orchestration.cli import _split_recipe_args
-    from orchestration.k8s import plan_cluster, render_rayjob, to_yaml
-    from orchestration.recipe import load_recipe, recipe_to_yaml
+    from nuance.orchestration.cli import _split_recipe_args
+    from nuance.orchestration.k8s import plan_cluster, render_rayjob, to_yaml
+    from nuance.orchestration.recipe import load_recipe, recipe_to_yaml
 
     name, overrides = _split_recipe_args(ns.args)
     recipe, path = load_recipe(name, overrides)

@@ -54,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _credentials(ns: argparse.Namespace, data_dir: str) -> tuple[str, str]:
     """Keys from the flags, else those kept in ``data_dir``, else new random ones."""
-    from data.s3server import random_credentials, saved_credentials
+    from nuance.data.s3server import random_credentials, saved_credentials
 
     if bool(ns.access_key) != bool(ns.secret_key):
         raise ValueError("give both --access-key and --secret-key, or neither")
@@ -76,7 +76,7 @@ def _write_secret_file(data_dir: str, secret: str) -> str:
 
 def _export_lines(env: dict[str, str], secret_path: str) -> list[str]:
     """Shell lines that point a client at the server; the secret is read from its file, never printed."""
-    from data.s3server import CONFLICTING_ENV
+    from nuance.data.s3server import CONFLICTING_ENV
 
     lines = [f"unset {' '.join(CONFLICTING_ENV)}"]
     for name, value in env.items():
@@ -92,7 +92,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     """Run SeaweedFS until Ctrl-C / SIGTERM, then stop it."""
-    from data.s3server import SeaweedServer
+    from nuance.data.s3server import SeaweedServer
 
     data_dir = os.path.abspath(os.path.expanduser(ns.dir))
     access_key, secret_key = _credentials(ns, data_dir)
@@ -123,7 +123,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 def cmd_ls(ns: argparse.Namespace) -> int:
     """Print the matching URLs, one per line."""
-    from data import storage
+    from nuance.data import storage
 
     url = ns.url.rstrip("/") + "/**" if ns.recursive else ns.url
     try:
@@ -145,7 +145,7 @@ def _join(base: str, rel: str) -> str:
 
 def _copy_plan(src: str, dst: str) -> list[tuple[str, str]]:
     """(source, destination) URL pairs: a file, every file of a glob, or a folder's files recursively."""
-    from data import storage
+    from nuance.data import storage
 
     if any(c in src for c in "*?["):
         return [(f, _join(dst, f.rsplit("/", 1)[-1])) for f in storage.list_urls(src)]
@@ -159,7 +159,7 @@ def _copy_plan(src: str, dst: str) -> list[tuple[str, str]]:
 
 def _copy_file(src: str, dst: str) -> None:
     """Copy one file between any two of local / S3."""
-    from data import storage
+    from nuance.data import storage
 
     if storage.local_path(src) is not None:
         storage.put_file(storage.local_path(src), dst)

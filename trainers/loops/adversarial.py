@@ -22,11 +22,11 @@ from dataclasses import replace
 
 import torch
 
-from orchestration.schema import Recipe
-from trainers import distill
-from trainers.components import build_components
-from trainers.context import RunContext, seed_everything
-from trainers.discriminator import Discriminator, discriminator_loss, generator_loss
+from nuance.orchestration.schema import Recipe
+from nuance.trainers import distill
+from nuance.trainers.components import build_components
+from nuance.trainers.context import RunContext, seed_everything
+from nuance.trainers.discriminator import Discriminator, discriminator_loss, generator_loss
 
 
 class LightningLosses:

@@ -13,16 +13,16 @@ import time
 
 import torch
 
-from data.builder import build_stream
-from orchestration.recipe import recipe_to_dict, recipe_to_yaml
-from orchestration.schema import OptimConfig, Recipe
-from trainers import checkpoint
-from trainers.components import Components
-from trainers.context import RunContext, reseed_for_rank
-from trainers.ema import EMA
-from trainers.engine import StepStats, TrainEngine, global_batch_size
-from trainers.sampling import generate, save_grid
-from trainers.tracking import Tracker, peak_flops, train_flops_per_sample, zero_grads
+from nuance.data.builder import build_stream
+from nuance.orchestration.recipe import recipe_to_dict, recipe_to_yaml
+from nuance.orchestration.schema import OptimConfig, Recipe
+from nuance.trainers import checkpoint
+from nuance.trainers.components import Components
+from nuance.trainers.context import RunContext, reseed_for_rank
+from nuance.trainers.ema import EMA
+from nuance.trainers.engine import StepStats, TrainEngine, global_batch_size
+from nuance.trainers.sampling import generate, save_grid
+from nuance.trainers.tracking import Tracker, peak_flops, train_flops_per_sample, zero_grads
 
 
 class Harness:

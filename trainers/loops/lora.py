@@ -12,13 +12,13 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
-from orchestration.schema import Recipe
-from trainers.components import build_components
-from trainers.context import RunContext, seed_everything
-from trainers.ema import EMA
-from trainers.engine import TrainEngine
-from trainers.loops.harness import Harness
-from trainers.lora import (
+from nuance.orchestration.schema import Recipe
+from nuance.trainers.components import build_components
+from nuance.trainers.context import RunContext, seed_everything
+from nuance.trainers.ema import EMA
+from nuance.trainers.engine import TrainEngine
+from nuance.trainers.loops.harness import Harness
+from nuance.trainers.lora import (
     apply_lora,
     base_fingerprint,
     check_base,

@@ -6,10 +6,10 @@ Everything it needs comes from the recipe and the `RunContext`; nothing is read 
 
 from __future__ import annotations
 
-from orchestration.schema import Recipe
-from trainers.components import build_components
-from trainers.context import RunContext, seed_everything
-from trainers.loops.harness import Harness
+from nuance.orchestration.schema import Recipe
+from nuance.trainers.components import build_components
+from nuance.trainers.context import RunContext, seed_everything
+from nuance.trainers.loops.harness import Harness
 
 
 def run(recipe: Recipe, ctx: RunContext) -> dict:

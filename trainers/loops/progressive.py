@@ -15,10 +15,10 @@ LR schedule of optim.* carry across rounds; the EMA, if any, restarts at each ro
 
 from __future__ import annotations
 
-from orchestration.schema import Recipe
-from trainers import distill
-from trainers.components import build_components
-from trainers.context import RunContext, seed_everything
+from nuance.orchestration.schema import Recipe
+from nuance.trainers import distill
+from nuance.trainers.components import build_components
+from nuance.trainers.context import RunContext, seed_everything
 
 
 def run(recipe: Recipe, ctx: RunContext) -> dict:

@@ -14,8 +14,8 @@ from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DCon
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
-from orchestration.schema import ModelConfig
-from trainers.models.presets import PRESETS, preset_conditioning
+from nuance.orchestration.schema import ModelConfig
+from nuance.trainers.models.presets import PRESETS, preset_conditioning
 
 NET_CLASSES = {"dit": DiTTransformer2DModel, "pixart": PixArtTransformer2DModel, "unet": UNet2DConditionModel}
 SUBFOLDER = {"dit": "transformer", "pixart": "transformer", "unet": "unet"}
