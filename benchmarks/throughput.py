@@ -136,7 +136,7 @@ class KindStep:
         self.config, self.after_step = config, lambda: None
         self.info: dict = {}
         if config in ("lora", "qlora"):
-            from nuance.orchestration.schema import LoraConfig
+            from nuance.trainers.config import LoraConfig
             from nuance.trainers.lora import apply_lora, compute_dtype
 
             cfg = LoraConfig(
@@ -202,7 +202,7 @@ class KindStep:
 def run_worker(args, config: str, result_path: str) -> None:
     import torch
 
-    from nuance.orchestration.schema import EngineConfig, ModelConfig, OptimConfig
+    from nuance.trainers.config import EngineConfig, ModelConfig, OptimConfig
     from nuance.trainers.diffusion import build_objective
     from nuance.trainers.models.backbone import build_backbone
     from nuance.trainers.models.presets import preset_family

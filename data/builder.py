@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from nuance.data.config import DataConfig
 from nuance.data.stream import ShardStream
 from nuance.data.toy import write_toy_shards
-from nuance.orchestration.schema import DataConfig
 
 TOY_SAMPLES_PER_SHARD = 128
 

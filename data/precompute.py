@@ -221,7 +221,7 @@ class ShardEncoder:
     def __init__(self, settings: EncodeSettings):
         import torch
 
-        from nuance.orchestration.schema import TextEncoderConfig
+        from nuance.trainers.config import TextEncoderConfig
         from nuance.trainers.models.encoders import VAE, TextEncoder
 
         self.settings = settings

@@ -70,8 +70,11 @@ def ship_package(dest: Path) -> str:
     root = dest / "nuance"
     for package in (nuance.orchestration, nuance.trainers, nuance.data, nuance.recipes):
         source = Path(list(package.__path__)[0])
-        shutil.copytree(source, root / package.__name__.split(".")[-1],
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            source,
+            root / package.__name__.split(".")[-1],
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
     return str(root)
 
 

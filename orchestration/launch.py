@@ -118,7 +118,12 @@ def train(recipe: Recipe):
         train_func,
         train_loop_config={
             "recipe": recipe_to_dict(recipe),
-            "run": {"run_id": run_id, "run_dir": str(run_dir), "storage_url": url},
+            "run": {
+                "run_id": run_id,
+                "run_dir": str(run_dir),
+                "storage_url": url,
+                "use_gpu": cluster.use_gpu,
+            },
         },
         scaling_config=ScalingConfig(
             num_workers=cluster.num_workers,

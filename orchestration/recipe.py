@@ -7,7 +7,6 @@ names the key and the file (or "command line" for overrides).
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import os
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -16,8 +15,20 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from nuance.orchestration import schema
+from nuance.data.config import ConfigError
 from nuance.orchestration.schema import Recipe
+from nuance.trainers.config import (
+    SAMPLERS_FOR,
+    ObjectiveKind,
+    Precision,
+    RecipeKind,
+    Sampler,
+    config_from_dict,
+    config_to_dict,
+    config_to_yaml,
+    objective_family,
+)
+from nuance.trainers.models.presets import PRESETS, preset_conditioning
 
 DEFAULT_RECIPE = "quickstart"
 
@@ -88,10 +99,27 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _explain(err, f"command line override '{item}'") from err
-    recipe = OmegaConf.to_object(merged)
-    assert isinstance(recipe, Recipe)
-    validate(recipe, source=f"{path}" + (" + command line" if overrides else ""))
+    source = f"{path}" + (" + command line" if overrides else "")
+    recipe = _instantiate(merged, source)
+    validate(recipe, source=source)
     return recipe, path
+
+
+def _instantiate(merged: Any, source: str) -> Recipe:
+    """The typed recipe; a section's own check (`ConfigError` from its `__post_init__`) is reported with
+    the section's name, so every message names the full key."""
+    for f in fields(Recipe):
+        if is_dataclass(getattr(merged, f.name, None)) or OmegaConf.is_config(merged[f.name]):
+            try:
+                OmegaConf.to_object(merged[f.name])
+            except ConfigError as err:
+                raise RecipeError(f"{source}: '{f.name}.{err.key}' {err.message}") from err
+    try:
+        recipe = OmegaConf.to_object(merged)
+    except ConfigError as err:  # the top level's own keys (name)
+        raise RecipeError(f"{source}: {err}") from err
+    assert isinstance(recipe, Recipe)
+    return recipe
 
 
 def _check(ok: bool, source: str, key: str, message: str) -> None:
@@ -99,136 +127,23 @@ def _check(ok: bool, source: str, key: str, message: str) -> None:
         raise RecipeError(f"{source}: '{key}' {message}")
 
 
-def _choice(value: Any, choices: tuple, source: str, key: str) -> None:
-    _check(value in choices, source, key, f"is '{value}'; expected one of {', '.join(map(str, choices))}")
-
-
 def validate(recipe: Recipe, source: str = "recipe") -> None:
-    """Checks of values and combinations that the types alone cannot express."""
-    from nuance.trainers.models.presets import PRESETS, preset_family
-
-    _choice(recipe.kind, schema.RECIPE_KINDS, source, "kind")
+    """Checks across sections (each section checks its own values when it is built)."""
     _check(
-        recipe.model.name in PRESETS,
-        source,
-        "model.name",
-        f"is '{recipe.model.name}'; known presets: {', '.join(sorted(PRESETS))}",
-    )
-    family = preset_family(recipe.model.name)
-    obj = recipe.objective
-    _choice(obj.kind, schema.OBJECTIVES, source, "objective.kind")
-    _choice(obj.schedule, schema.SCHEDULES, source, "objective.schedule")
-    _check(
-        not (obj.zero_terminal_snr and obj.kind == "eps"),
-        source,
-        "objective.zero_terminal_snr",
-        "needs objective.kind v or x0: eps-prediction is undefined at zero terminal SNR (Lin et al. 2024)",
-    )
-    _check(0.0 <= obj.cond_dropout < 1.0, source, "objective.cond_dropout", "must be in [0, 1)")
-    _check(obj.num_timesteps >= 2, source, "objective.num_timesteps", "must be >= 2")
-    _check(
-        0 < obj.beta_start < obj.beta_end < 1,
-        source,
-        "objective.beta_start",
-        "and objective.beta_end must satisfy 0 < beta_start < beta_end < 1",
-    )
-    _check(obj.logit_std > 0, source, "objective.logit_std", "must be > 0")
-
-    data = recipe.data
-    _check(data.batch_size >= 1, source, "data.batch_size", "must be >= 1")
-    _check(data.num_workers >= 0, source, "data.num_workers", "must be >= 0")
-    _check(
-        data.image_size >= 8 and data.image_size % 8 == 0,
-        source,
-        "data.image_size",
-        "must be a multiple of 8 and >= 8",
-    )
-    _check(data.toy_samples >= 1, source, "data.toy_samples", "must be >= 1")
-    _choice(data.mode, schema.DATA_MODES, source, "data.mode")
-    _check(0 <= data.max_bad_fraction <= 1, source, "data.max_bad_fraction", "must be in [0, 1]")
-
-    optim = recipe.optim
-    _check(optim.lr > 0, source, "optim.lr", "must be > 0")
-    _check(
-        len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
-        source,
-        "optim.betas",
-        "must be two numbers in [0, 1)",
-    )
-    _choice(optim.decay, schema.LR_DECAYS, source, "optim.decay")
-    _check(optim.warmup_steps >= 0, source, "optim.warmup_steps", "must be >= 0")
-    _check(optim.grad_clip >= 0, source, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
-    _check(0 <= optim.min_lr_ratio <= 1, source, "optim.min_lr_ratio", "must be in [0, 1]")
-
-    eng = recipe.engine
-    _choice(eng.zero_stage, (0, 1, 2, 3), source, "engine.zero_stage")
-    _choice(eng.precision, schema.PRECISIONS, source, "engine.precision")
-    _check(eng.grad_accum >= 1, source, "engine.grad_accum", "must be >= 1")
-    _check(
-        not eng.offload_params or eng.zero_stage == 3,
-        source,
-        "engine.offload_params",
-        "needs engine.zero_stage=3 (only ZeRO-3 partitions parameters)",
-    )
-    _check(
-        not eng.offload_optimizer or eng.zero_stage >= 1,
-        source,
-        "engine.offload_optimizer",
-        "needs engine.zero_stage >= 1",
-    )
-    _check(
-        eng.precision != "fp16" or recipe.cluster.use_gpu,
+        recipe.engine.precision != Precision.fp16 or recipe.cluster.use_gpu,
         source,
         "engine.precision",
         "fp16 needs a GPU (cluster.use_gpu=true); use fp32 or bf16 on CPU",
     )
-
-    train = recipe.train
-    _check(train.max_steps >= 1, source, "train.max_steps", "must be >= 1")
-    _check(train.log_every >= 1, source, "train.log_every", "must be >= 1")
-    _check(train.ckpt_every >= 0, source, "train.ckpt_every", "must be >= 0 (0: only at the end)")
-    _check(train.keep_checkpoints >= 1, source, "train.keep_checkpoints", "must be >= 1")
-    _check(0 <= train.ema_decay < 1, source, "train.ema_decay", "must be in [0, 1)")
-    _check(optim.decay_steps is None or optim.decay_steps >= 1, source, "optim.decay_steps", "must be >= 1")
-
-    smp = recipe.sample
-    _choice(smp.sampler, schema.SAMPLERS, source, "sample.sampler")
-    valid = {"flow": ("default", "euler")}.get(obj.kind, ("default", "ddpm", "ddim"))
+    obj, smp = recipe.objective, recipe.sample
+    valid = SAMPLERS_FOR[objective_family(obj.kind)]
     _check(
         smp.sampler in valid,
         source,
         "sample.sampler",
         f"'{smp.sampler}' does not fit objective.kind={obj.kind}; use one of {', '.join(valid)}",
     )
-    _check(
-        smp.steps >= 1 and smp.num_per_condition >= 1 and smp.every >= 0,
-        source,
-        "sample",
-        "needs steps >= 1, num_per_condition >= 1 and every >= 0",
-    )
-
-    cl = recipe.cluster
-    _check(cl.num_workers >= 1, source, "cluster.num_workers", "must be >= 1")
-    _check(cl.cpus_per_worker > 0, source, "cluster.cpus_per_worker", "must be > 0")
-    _check(
-        not cl.use_gpu or cl.gpus_per_worker > 0,
-        source,
-        "cluster.gpus_per_worker",
-        "must be > 0 when cluster.use_gpu=true",
-    )
-    _choice(cl.placement_strategy, schema.PLACEMENT_STRATEGIES, source, "cluster.placement_strategy")
-    _choice(recipe.tracking.mode, schema.TRACKING_MODES, source, "tracking.mode")
-    _check(
-        bool(recipe.name) and "/" not in recipe.name, source, "name", "must be a non-empty name without '/'"
-    )
-
-    if recipe.kind == "lora":
-        _validate_lora(recipe, source)
-    if recipe.kind in ("progressive_distill", "adversarial_distill"):
-        _validate_distill(recipe, source)
-
-    conditioning = {"dit": "class", "pixart": "text", "unet": "text"}[family]
-    if conditioning == "class":
+    if preset_conditioning(recipe.model.name) == "class":
         num_classes = recipe.model.num_classes or PRESETS[recipe.model.name]["num_embeds_ada_norm"]
         _check(
             all(0 <= c < num_classes for c in smp.classes),
@@ -236,6 +151,10 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             "sample.classes",
             f"must be class ids in [0, {num_classes}) for model {recipe.model.name}",
         )
+    if recipe.kind == RecipeKind.lora:
+        _validate_lora(recipe, source)
+    if recipe.kind in (RecipeKind.progressive_distill, RecipeKind.adversarial_distill):
+        _validate_distill(recipe, source)
 
 
 def _validate_lora(recipe: Recipe, source: str) -> None:
@@ -247,10 +166,6 @@ def _validate_lora(recipe: Recipe, source: str) -> None:
         "model.pretrained",
         "is required for kind lora: the local diffusers folder of the base model to fine-tune",
     )
-    _check(lora.rank >= 1, source, "lora.rank", "must be >= 1")
-    _check(lora.alpha > 0, source, "lora.alpha", "must be > 0 (the update is scaled by alpha / rank)")
-    _check(0 <= lora.dropout < 1, source, "lora.dropout", "must be in [0, 1)")
-    _check(all(lora.target_modules), source, "lora.target_modules", "must not contain empty names")
     _check(
         recipe.engine.zero_stage <= 2,
         source,
@@ -275,16 +190,13 @@ def _validate_distill(recipe: Recipe, source: str) -> None:
         "distill.teacher",
         f"is required for kind {kind}: the local diffusers folder of the teacher backbone",
     )
-    _choice(dc.parameterization, ("v", "x0"), source, "distill.parameterization")
     _check(
-        obj.kind == dc.parameterization,
+        obj.kind in (ObjectiveKind.v, ObjectiveKind.x0),
         source,
         "objective.kind",
-        f"is '{obj.kind}' but distill.parameterization is '{dc.parameterization}': they must agree, since "
-        "the student is sampled as objective.kind (nuance sample / export read it); the first teacher's "
-        "own parameterization is distill.teacher_prediction",
+        f"is '{obj.kind}'; kind {kind} needs v or x0, the student's parameterization (Salimans & Ho "
+        "2022 sec. 4; nuance sample / export read it); the first teacher's own is distill.teacher_prediction",
     )
-    _choice(dc.teacher_prediction, (None, "eps", "v", "x0"), source, "distill.teacher_prediction")
     _check(
         not (dc.teacher_prediction == "eps" and obj.zero_terminal_snr),
         source,
@@ -292,8 +204,6 @@ def _validate_distill(recipe: Recipe, source: str) -> None:
         "eps needs objective.zero_terminal_snr=false: an eps teacher has no x0 at alpha_bar = 0 (Lin et al. "
         "2024); the student's first step starts from pure noise either way",
     )
-    _choice(dc.weighting, ("truncated_snr", "snr_plus_one"), source, "distill.weighting")
-    _check(dc.student_steps >= 1, source, "distill.student_steps", "must be >= 1")
     _check(
         dc.student_steps < dc.teacher_steps <= obj.num_timesteps,
         source,
@@ -302,7 +212,7 @@ def _validate_distill(recipe: Recipe, source: str) -> None:
         f"({obj.num_timesteps})",
     )
     _check(
-        recipe.sample.sampler in ("default", "ddim"),
+        recipe.sample.sampler in (Sampler.default, Sampler.ddim),
         source,
         "sample.sampler",
         f"must be default or ddim for kind {kind}: the student is distilled into a deterministic DDIM step",
@@ -315,7 +225,6 @@ def _validate_distill(recipe: Recipe, source: str) -> None:
             "distill.teacher_steps",
             f"must be distill.student_steps ({dc.student_steps}) times a power of two: each round halves it",
         )
-        _check(dc.steps_per_round >= 1, source, "distill.steps_per_round", "must be >= 1")
         rounds = ratio.bit_length() - 1
         _check(
             recipe.train.max_steps <= rounds * dc.steps_per_round,
@@ -332,8 +241,6 @@ def _validate_distill(recipe: Recipe, source: str) -> None:
             f"must be a multiple of distill.student_steps ({dc.student_steps}): each student step is "
             "teacher_steps / student_steps teacher DDIM steps",
         )
-        _check(dc.disc_lr > 0, source, "distill.disc_lr", "must be > 0")
-        _check(dc.mse_weight >= 0, source, "distill.mse_weight", "must be >= 0")
 
 
 def preflight(recipe: Recipe, source: str = "recipe") -> None:
@@ -402,14 +309,12 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     """Plain dict (what travels to Ray workers in `train_loop_config`)."""
-    return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)  # type: ignore[return-value]
+    return config_to_dict(recipe)
 
 
 def recipe_from_dict(config: dict) -> Recipe:
-    recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), config))
-    assert isinstance(recipe, Recipe)
-    return recipe
+    return config_from_dict(Recipe, config)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+    return config_to_yaml(recipe)

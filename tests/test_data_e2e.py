@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from nuance.data.builder import ensure_toy_dataset
+from nuance.data.config import DataConfig
 from nuance.data.s3server import SeaweedServer, random_credentials
 from nuance.data.stream import ShardStream
 from nuance.orchestration.recipe import RecipeError, load_recipe, preflight
-from nuance.orchestration.schema import DataConfig
 from tests.conftest import tiny_vae
 
 pytestmark = pytest.mark.slow

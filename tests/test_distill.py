@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from nuance.orchestration.recipe import RecipeError, load_recipe
-from nuance.orchestration.schema import ModelConfig
-from tests.distill_fixtures import debug_recipe
 from nuance.trainers import distill
+from nuance.trainers.config import ModelConfig
 from nuance.trainers.diffusion import DDPMObjective, DiscreteSchedule
 from nuance.trainers.discriminator import Discriminator, discriminator_loss, generator_loss
 from nuance.trainers.models.backbone import build_backbone
+from tests.distill_fixtures import debug_recipe
 
 EVAL_PROMPTS = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("circle", "square")]
 
@@ -286,9 +286,8 @@ def test_sample_grids_use_the_student_step_count(monkeypatch):
     ("overrides", "key"),
     [
         (["distill.teacher=null"], "distill.teacher"),
-        (["objective.kind=x0"], "objective.kind"),
-        (["distill.parameterization=eps", "objective.kind=eps", "objective.zero_terminal_snr=false"],
-         "distill.parameterization"),
+        (["objective.kind=flow"], "objective.kind"),
+        (["objective.kind=eps", "objective.zero_terminal_snr=false"], "objective.kind"),
         (["distill.teacher_steps=24"], "distill.teacher_steps"),
         (["train.max_steps=151"], "train.max_steps"),
         (["sample.sampler=ddpm"], "sample.sampler"),

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from nuance.orchestration.schema import EngineConfig, OptimConfig
-from tests.conftest import free_port
+from nuance.trainers.config import EngineConfig, OptimConfig
 from nuance.trainers.engine import deepspeed_config, lr_multiplier
+from tests.conftest import free_port
 
 
 def test_deepspeed_config_is_derived_from_the_recipe():
@@ -54,7 +54,7 @@ def _batch(rank: int, step: int):
 
 
 def _make_engine(stage: int):
-    from nuance.orchestration.schema import ModelConfig
+    from nuance.trainers.config import ModelConfig
     from nuance.trainers.engine import TrainEngine
     from nuance.trainers.models.backbone import build_backbone
 

@@ -12,11 +12,11 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.markers import Marker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +114,9 @@ def test_every_import_is_declared_in_pyproject() -> None:
             if not dists:
                 missing.append(f"{path.relative_to(REPO)}: `{name}` is installed by no distribution here")
             elif not dists & declared:
-                missing.append(f"{path.relative_to(REPO)}: `{name}` ({', '.join(sorted(dists))}) not in pyproject")
+                missing.append(
+                    f"{path.relative_to(REPO)}: `{name}` ({', '.join(sorted(dists))}) not in pyproject"
+                )
     assert not missing, "\n".join(missing)
 
 
@@ -125,7 +127,12 @@ def test_importing_every_module_prints_nothing() -> None:
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS",)}
     out = subprocess.run(  # from a folder outside the repo: only the installed package can be found
-        [sys.executable, "-c", code, *modules], cwd=REPO.parent, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code, *modules],
+        cwd=REPO.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout == "" and out.stderr == "", (out.stdout + out.stderr)[-3000:]
@@ -146,7 +153,11 @@ def test_cli_names_the_extra_when_weed_is_missing(command: list[str], tmp_path: 
     env = dict(os.environ, PATH="/usr/bin:/bin", HOME=str(tmp_path))
     out = subprocess.run(
         [sys.executable, "-m", "nuance.orchestration.cli", *command, "--dir", str(tmp_path / "s3")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()

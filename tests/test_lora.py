@@ -16,11 +16,11 @@ import torch
 import torch.multiprocessing as mp
 
 from nuance.orchestration.recipe import RecipeError, load_recipe
-from nuance.orchestration.schema import LoraConfig, ModelConfig
-from tests.conftest import free_port
 from nuance.trainers import lora as L
+from nuance.trainers.config import LoraConfig, ModelConfig
 from nuance.trainers.models.backbone import NET_CLASSES, build_backbone
 from nuance.trainers.models.presets import preset_conditioning
+from tests.conftest import free_port
 
 TEXT_DIM = 384  # width of the offline MiniLM text encoder
 FAMILIES = {"dit_debug": "dit", "pixart_debug": "pixart", "unet_debug": "unet"}
@@ -289,7 +289,7 @@ def _engine_worker(rank: int, port: int, out_dir: str) -> None:
     )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    from nuance.orchestration.schema import EngineConfig, OptimConfig
+    from nuance.trainers.config import EngineConfig, OptimConfig
     from nuance.trainers.diffusion import build_objective
     from nuance.trainers.loops.lora import AdapterEngine
 

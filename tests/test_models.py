@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nuance.orchestration.schema import ModelConfig, TextEncoderConfig
-from tests.conftest import tiny_vae
 from nuance.trainers.conditioning import Conditioner
+from nuance.trainers.config import ModelConfig, TextEncoderConfig
 from nuance.trainers.models.backbone import build_backbone
 from nuance.trainers.models.encoders import VAE, TextEncoder, build_autoencoder
 from nuance.trainers.models.presets import PRESETS, preset_conditioning
+from tests.conftest import tiny_vae
 
 
 @pytest.fixture(scope="module")

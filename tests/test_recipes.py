@@ -104,7 +104,15 @@ def test_preflight_checks_local_paths(tmp_path):
 
 def test_cli_recipe_show_prints_resolved_recipe():
     out = subprocess.run(
-        [sys.executable, "-m", "nuance.orchestration.cli", "recipe", "show", "quickstart", "train.max_steps=9"],
+        [
+            sys.executable,
+            "-m",
+            "nuance.orchestration.cli",
+            "recipe",
+            "show",
+            "quickstart",
+            "train.max_steps=9",
+        ],
         capture_output=True,
         text=True,
         check=True,

@@ -236,7 +236,7 @@ def test_globs_and_remote_prefixes_list_their_tars(shards, monkeypatch):
     names = [Path(p).name for p in shards[:3]]
     listed = expand_urls("memory://nuance-prefix/")  # through data.storage.list_urls when it is there
     assert [url.rsplit("/", 1)[1] for url in listed] == names
-    monkeypatch.setattr(data.stream, "_storage", lambda: None)  # without data.storage: plain fsspec
+    monkeypatch.setattr(nuance.data.stream, "_storage", lambda: None)  # without data.storage: plain fsspec
     fallback = expand_urls("memory://nuance-prefix/")
     assert [url.rsplit("/", 1)[1] for url in fallback] == names
     assert [u.rsplit("/", 1)[1] for u in expand_urls("memory://nuance-prefix/*01.tar")] == names[1:2]

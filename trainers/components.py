@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nuance.orchestration.schema import ObjectiveConfig, Recipe
 from nuance.trainers.conditioning import Conditioner
+from nuance.trainers.config import ObjectiveConfig, RunConfig
 from nuance.trainers.diffusion import build_objective
 from nuance.trainers.models.backbone import Backbone, build_backbone
 from nuance.trainers.models.encoders import PixelSpace, TextEncoder, build_autoencoder
@@ -42,7 +42,7 @@ def objective_from_config(cfg: ObjectiveConfig):
     )
 
 
-def build_components(recipe: Recipe, device: torch.device | str = "cpu") -> Components:
+def build_components(recipe: RunConfig, device: torch.device | str = "cpu") -> Components:
     autoencoder = build_autoencoder(recipe.vae, device)
     text_encoder = None
     if preset_conditioning(recipe.model.name) == "text":

@@ -27,6 +27,8 @@ class RunContext:
     """A local checkpoint directory to continue from."""
     report: Callable[[dict, str | None], None] = field(default=lambda metrics, ckpt_dir: None)
     """report(metrics, checkpoint_dir or None): every rank calls it at the same points."""
+    recipe: dict = field(default_factory=dict)
+    """The whole recipe as submitted (cluster section included), for the W&B run's config."""
 
     def open_rank_file(self, kind: str, suffix: str):
         """Append-mode file `run_dir/<kind>/rank<N>.<suffix>` of this rank (the caller closes it)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nuance.orchestration.schema import ModelConfig, Recipe
+from nuance.trainers.config import ModelConfig, RunConfig
 from nuance.trainers.diffusion.objectives import DDPMObjective
 from nuance.trainers.diffusion.schedules import DiscreteSchedule
 from nuance.trainers.ema import EMA
@@ -213,7 +213,7 @@ class Teacher:
         self.round = round_index
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, student: Backbone, objective: DDPMObjective, rank: int, device):
+    def from_recipe(cls, recipe: RunConfig, student: Backbone, objective: DDPMObjective, rank: int, device):
         """Round 0's teacher from `distill.teacher`, architecture checked against the student's."""
         cfg = replace(recipe.model, pretrained=recipe.distill.teacher, gradient_checkpointing=False)
         # Inference only: keep it in the precision DeepSpeed gives the student (bf16 halves its memory).
@@ -345,7 +345,7 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 
 
 # -- recipe plumbing -------------------------------------------------------------------------------------
-def student_recipe(recipe: Recipe) -> Recipe:
+def student_recipe(recipe: RunConfig) -> RunConfig:
     """The recipe the student's components are built from: it starts from the teacher's weights unless
     model.pretrained names another start (Salimans & Ho 2022 Algorithm 2: theta <- eta)."""
     pretrained = recipe.model.pretrained or recipe.distill.teacher

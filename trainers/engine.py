@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nuance.orchestration.schema import EngineConfig, OptimConfig
+from nuance.trainers.config import EngineConfig, OptimConfig
 
 
 def ensure_deepspeed_accelerator() -> None:

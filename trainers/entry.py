@@ -1,6 +1,7 @@
 """`train_func(config)`: the only thing a Ray Train worker runs, and the only Ray boundary.
 
-`config` is plain data: {"recipe": <resolved recipe dict>, "run": {"run_id", "run_dir"}}.
+`config` is plain data: {"recipe": <resolved recipe dict>, "run": {"run_id", "run_dir", "storage_url",
+"use_gpu"}}. The worker reads its `RunConfig` slice of the recipe; the Ray section stays with the driver.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from nuance.trainers.config import RunConfig, config_from_dict
+from nuance.trainers.context import RunContext
 from nuance.trainers.engine import ensure_deepspeed_accelerator
 
 
@@ -28,20 +31,17 @@ def _loop(kind: str):
         "adversarial_distill": "adversarial",
         "lora": "lora",
     }[kind]
-    return importlib.import_module(f"trainers.loops.{module}").run
+    return importlib.import_module(f"nuance.trainers.loops.{module}").run
 
 
 def train_func(config: dict) -> None:
     ensure_deepspeed_accelerator()
     import ray.train
 
-    from nuance.orchestration.recipe import recipe_from_dict
-    from nuance.trainers.context import RunContext
-
-    recipe = recipe_from_dict(config["recipe"])
+    recipe = config_from_dict(RunConfig, config["recipe"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    if torch.cuda.is_available() and recipe.cluster.use_gpu:
+    if torch.cuda.is_available() and config["run"].get("use_gpu", False):
         device = torch.device("cuda", context.get_local_rank())
         torch.cuda.set_device(device)
     else:
@@ -69,6 +69,7 @@ def train_func(config: dict) -> None:
         storage_url=config["run"].get("storage_url", ""),
         resume_from=resume_from,
         report=report,
+        recipe=config["recipe"],
     )
     with ctx.open_rank_file("workers", "jsonl") as f:  # who ran where: debugging and placement tests
         f.write(

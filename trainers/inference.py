@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from nuance.orchestration.schema import Recipe
 from nuance.trainers import checkpoint
 from nuance.trainers.components import Components, build_components
+from nuance.trainers.config import RunConfig, config_from_dict
 from nuance.trainers.models.backbone import SUBFOLDER
 from nuance.trainers.sampling import generate, save_images
 
@@ -40,12 +40,10 @@ def local_checkpoint(ckpt_dir: str | Path) -> Path:
 
 def load_checkpoint_model(
     ckpt_dir: str | Path, use_ema: bool = True, device: torch.device | str = "cpu"
-) -> tuple[Recipe, Components]:
+) -> tuple[RunConfig, Components]:
     ckpt_dir = local_checkpoint(ckpt_dir)
     checkpoint.read_meta(ckpt_dir)
-    recipe = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.load(ckpt_dir / "recipe.yaml"))
-    )
+    recipe = config_from_dict(RunConfig, OmegaConf.to_container(OmegaConf.load(ckpt_dir / "recipe.yaml")))
     if recipe.kind == "lora":  # adapter-only checkpoint: the base is model.pretrained
         from nuance.trainers.lora import load_lora_checkpoint
 
@@ -99,7 +97,7 @@ def sample_from_checkpoint(
     return paths
 
 
-def diffusers_scheduler(recipe: Recipe):
+def diffusers_scheduler(recipe: RunConfig):
     """The stock diffusers scheduler matching the recipe's objective."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nuance.orchestration.schema import LoraConfig, Recipe
+from nuance.trainers.config import LoraConfig, RunConfig
 from nuance.trainers.models.backbone import Backbone
 
 ADAPTER = "default"  # peft's adapter name; one adapter per backbone
@@ -344,7 +344,7 @@ def base_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_base(ckpt_dir: str | Path, recipe: Recipe) -> None:
+def check_base(ckpt_dir: str | Path, recipe: RunConfig) -> None:
     """Fail when `model.pretrained` is not the base the checkpoint's adapters were trained on."""
     info_path = Path(ckpt_dir) / "lora" / INFO_NAME
     if not info_path.is_file():
@@ -359,7 +359,7 @@ def check_base(ckpt_dir: str | Path, recipe: Recipe) -> None:
 
 
 def load_lora_checkpoint(
-    ckpt_dir: str | Path, recipe: Recipe, use_ema: bool = True, device: torch.device | str = "cpu"
+    ckpt_dir: str | Path, recipe: RunConfig, use_ema: bool = True, device: torch.device | str = "cpu"
 ):
     """Components of a kind-lora checkpoint: the base from `model.pretrained`, the adapters (QLoRA: on
     the NF4 base, as trained) with the checkpoint's (EMA) adapter weights."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nuance.orchestration.schema import TrackingConfig
+from nuance.trainers.config import TrackingConfig
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential", "passwd")
 # Dense bf16 peak per device (vendor datasheets), for MFU.

@@ -22,9 +22,9 @@ from dataclasses import replace
 
 import torch
 
-from nuance.orchestration.schema import Recipe
 from nuance.trainers import distill
 from nuance.trainers.components import build_components
+from nuance.trainers.config import RunConfig
 from nuance.trainers.context import RunContext, seed_everything
 from nuance.trainers.discriminator import Discriminator, discriminator_loss, generator_loss
 
@@ -82,7 +82,7 @@ class LightningLosses:
         return stats
 
 
-def run(recipe: Recipe, ctx: RunContext) -> dict:
+def run(recipe: RunConfig, ctx: RunContext) -> dict:
     dc = recipe.distill
     seed_everything(recipe.train.seed, ctx.rank)
     comps = build_components(distill.student_recipe(recipe), ctx.device)  # the student starts as the teacher

@@ -14,10 +14,9 @@ import time
 import torch
 
 from nuance.data.builder import build_stream
-from nuance.orchestration.recipe import recipe_to_dict, recipe_to_yaml
-from nuance.orchestration.schema import OptimConfig, Recipe
 from nuance.trainers import checkpoint
 from nuance.trainers.components import Components
+from nuance.trainers.config import OptimConfig, RunConfig, config_to_dict, config_to_yaml
 from nuance.trainers.context import RunContext, reseed_for_rank
 from nuance.trainers.ema import EMA
 from nuance.trainers.engine import StepStats, TrainEngine, global_batch_size
@@ -26,7 +25,7 @@ from nuance.trainers.tracking import Tracker, peak_flops, train_flops_per_sample
 
 
 class Harness:
-    def __init__(self, recipe: Recipe, ctx: RunContext, comps: Components):
+    def __init__(self, recipe: RunConfig, ctx: RunContext, comps: Components):
         self.recipe, self.ctx, self.comps = recipe, ctx, comps
         self.latent_shape = comps.latent_shape if recipe.vae != "none" else None
         self.stream = build_stream(
@@ -128,7 +127,7 @@ class Harness:
             run_name=self.recipe.name,
             run_id=self.ctx.run_id,
             run_dir=self.ctx.run_dir,
-            config=recipe_to_dict(self.recipe),
+            config=self.ctx.recipe or config_to_dict(self.recipe),
             enabled=self.ctx.rank == 0,
         )
         self._batches = iter(self.stream)
@@ -159,7 +158,7 @@ class Harness:
                 ema=ema,
                 data_state=self.stream.state_dict(),
                 meta=meta,
-                recipe_yaml=recipe_to_yaml(self.recipe),
+                recipe_yaml=config_to_yaml(self.recipe),
                 rank=self.ctx.rank,
             )
             self.ctx.report({**self.last, "step": step}, tmp)

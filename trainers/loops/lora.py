@@ -12,8 +12,8 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
-from nuance.orchestration.schema import Recipe
 from nuance.trainers.components import build_components
+from nuance.trainers.config import RunConfig
 from nuance.trainers.context import RunContext, seed_everything
 from nuance.trainers.ema import EMA
 from nuance.trainers.engine import TrainEngine
@@ -49,7 +49,7 @@ class AdapterEngine(TrainEngine):
         return client_state
 
 
-def _reporting_adapters(ctx: RunContext, recipe: Recipe, backbone, ema_of) -> RunContext:
+def _reporting_adapters(ctx: RunContext, recipe: RunConfig, backbone, ema_of) -> RunContext:
     """`ctx` whose report first writes the adapters (EMA weights when the run keeps an EMA, like sample
     and export) into the checkpoint's `lora/` on rank 0, so every checkpoint carries a ready LoRA."""
     info = {
@@ -69,7 +69,7 @@ def _reporting_adapters(ctx: RunContext, recipe: Recipe, backbone, ema_of) -> Ru
     return dataclasses.replace(ctx, report=with_adapters)
 
 
-def run(recipe: Recipe, ctx: RunContext) -> dict:
+def run(recipe: RunConfig, ctx: RunContext) -> dict:
     """Fine-tune the adapters of `model.pretrained` for train.max_steps optimizer steps (resuming)."""
     seed_everything(recipe.train.seed, ctx.rank)
     if ctx.resume_from:

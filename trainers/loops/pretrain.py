@@ -6,13 +6,13 @@ Everything it needs comes from the recipe and the `RunContext`; nothing is read 
 
 from __future__ import annotations
 
-from nuance.orchestration.schema import Recipe
 from nuance.trainers.components import build_components
+from nuance.trainers.config import RunConfig
 from nuance.trainers.context import RunContext, seed_everything
 from nuance.trainers.loops.harness import Harness
 
 
-def run(recipe: Recipe, ctx: RunContext) -> dict:
+def run(recipe: RunConfig, ctx: RunContext) -> dict:
     seed_everything(recipe.train.seed, ctx.rank)
     comps = build_components(recipe, ctx.device)
     comps.backbone.to(ctx.device)

@@ -15,18 +15,18 @@ LR schedule of optim.* carry across rounds; the EMA, if any, restarts at each ro
 
 from __future__ import annotations
 
-from nuance.orchestration.schema import Recipe
 from nuance.trainers import distill
 from nuance.trainers.components import build_components
+from nuance.trainers.config import RunConfig
 from nuance.trainers.context import RunContext, seed_everything
 
 
-def run(recipe: Recipe, ctx: RunContext) -> dict:
+def run(recipe: RunConfig, ctx: RunContext) -> dict:
     dc = recipe.distill
     seed_everything(recipe.train.seed, ctx.rank)
     comps = build_components(distill.student_recipe(recipe), ctx.device)  # theta <- eta (Algorithm 2)
     comps.backbone.to(ctx.device)
-    objective = comps.objective  # the student's parameterization (objective.kind = distill.parameterization)
+    objective = comps.objective  # the student's parameterization (objective.kind: v or x0)
     teacher = distill.Teacher.from_recipe(recipe, comps.backbone, objective, ctx.rank, ctx.device)
     rounds = distill.num_rounds(dc.teacher_steps, dc.student_steps)
     grids = {}  # round -> (student grid, teacher grid)

@@ -14,7 +14,7 @@ from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DCon
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
-from nuance.orchestration.schema import ModelConfig
+from nuance.trainers.config import ModelConfig
 from nuance.trainers.models.presets import PRESETS, preset_conditioning
 
 NET_CLASSES = {"dit": DiTTransformer2DModel, "pixart": PixArtTransformer2DModel, "unet": UNet2DConditionModel}

@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from nuance.orchestration.schema import TextEncoderConfig
+from nuance.trainers.config import TextEncoderConfig
 
 
 def minilm_path() -> str:
