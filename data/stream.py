@@ -41,44 +41,31 @@ latent shape or dtype, bad metadata -- each skipped and counted per reason (``da
 Workers report each bad sample with the next batch they send; counts are kept in the state, so they
 survive a resume without counting anything twice. ``max_bad_fraction`` turns too much bad data into a
 ``BadDataError``.
+
+**Modules.** ``data.shards`` (shard URLs, opening and reading a shard, dealing shards to ranks),
+``data.openahead`` (the next S3 shard opened early), ``data.position`` (the resume record) and
+``data.stream_workers`` (what runs in the DataLoader workers); this module holds ``ShardStream``.
 """
 
 from __future__ import annotations
 
-import bisect
-import glob
-import math
-import os
-import tarfile
 import warnings
-import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import IO, Any
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-import fsspec
-import numpy as np
 import torch
-from braceexpand import braceexpand
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from nuance.data.buckets import make_buckets
-from nuance.data.decode import (
-    CORRUPT_SHARD,
-    IMAGE_EXTENSIONS,
-    BadSample,
-    DecodeSpec,
-    collate,
-    concat_batches,
-    decode_sample,
-    read_tar,
-    split_batch,
-)
+from nuance.data.config import DataMode
+from nuance.data.decode import IMAGE_EXTENSIONS, DecodeSpec, concat_batches, split_batch
+from nuance.data.position import _EpochRecord, _Ranges
+from nuance.data.shards import expand_urls, iter_tar_samples, open_url, rank_shards
+from nuance.data.stream_workers import _Settings, _ShardDataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "MODES",
     "BadDataError",
     "ShardStream",
     "expand_urls",
@@ -87,23 +74,7 @@ __all__ = [
     "rank_shards",
 ]
 
-MODES = ("epoch", "resampled")
 STATE_FORMAT = "nuance-stream-v2"
-# Distinct first entries keep the RNG streams of different purposes independent.
-_SHARD_ORDER, _SAMPLE_SHUFFLE, _AUGMENT, _RESAMPLE = 0, 1, 2, 3
-_GLOB_CHARS = "*?["
-# What reading a damaged or vanished shard raises (tarfile, the gzip layer, the file system).
-_SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error, ValueError)
-# Smallest allowed value of each integer setting (rank and world_size are checked separately).
-_MINIMUM = {
-    "batch_size": 1,
-    "image_size": 1,
-    "seed": 0,
-    "num_workers": 0,
-    "shuffle_buffer": 0,
-    "bucket_step": 1,
-    "min_samples_for_bad_check": 0,
-}
 # Fields of state_dict() that decide the order of batches; a change on resume changes the order.
 _ORDER_FIELDS = (
     "seed",
@@ -123,533 +94,6 @@ _PREFETCH_FACTOR = 2
 
 class BadDataError(ValueError):
     """More bad samples than ``max_bad_fraction`` allows (raised by the stream, in the main process)."""
-
-
-# --------------------------------------------------------------------------------------------- shard URLs
-
-
-def _storage() -> Any:
-    """``data.storage`` when it is there (it adds S3 retries and listing), else None."""
-    try:
-        from nuance.data import storage
-    except ModuleNotFoundError as exc:
-        if exc.name != "data.storage":
-            raise  # storage exists but one of its own imports is missing: that is a real error
-        return None
-    return storage
-
-
-def _local_path(url: str) -> str | None:
-    """The local filesystem path behind ``url`` (plain path or ``file://`` URL), else None."""
-    if url.startswith("file://"):
-        return url[len("file://") :]
-    return None if "://" in url else url
-
-
-def _list_remote(url: str) -> list[str]:
-    """Shards under a remote prefix (``s3://b/shards/``: its ``*.tar``) or matching a remote glob."""
-    storage = _storage()
-    if storage is not None:
-        found = storage.list_urls(url)
-    else:
-        fs, path = fsspec.core.url_to_fs(url)
-        pattern = path if any(c in url for c in _GLOB_CHARS) else path.rstrip("/") + "/*"
-        protocol = url.split("://", 1)[0]
-        found = sorted(f"{protocol}://{p.lstrip('/')}" for p in fs.glob(pattern))
-    return [u for u in found if u.endswith(".tar")] if url.endswith("/") else list(found)
-
-
-def _expand_one(url: str, spec: Any) -> list[str]:
-    """Expand one brace-free item: a local directory -> its ``*.tar`` (sorted); a remote prefix or a
-    glob -> the matching shards (sorted); a local file is checked; other remote URLs are kept as they are."""
-    local = _local_path(url)
-    if local is None:  # remote: single objects are checked when opened, in the workers
-        return _list_remote(url) if url.endswith("/") or any(c in url for c in _GLOB_CHARS) else [url]
-    prefix = url[: len(url) - len(local)]  # keep "file://" when the path was given as a URL
-    if os.path.isdir(local):
-        names = sorted(n for n in os.listdir(local) if n.endswith(".tar"))
-        return [prefix + os.path.join(local, n) for n in names]
-    if os.path.isfile(local):
-        return [url]
-    if any(c in local for c in _GLOB_CHARS):
-        return [prefix + p for p in sorted(glob.glob(local)) if os.path.isfile(p)]
-    raise ValueError(f"shard {url!r} from spec {spec!r} does not exist")
-
-
-def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Turn a shard spec into a list of shard URLs.
-
-    ``spec`` is a brace pattern (``data/shard-{000000..000009}.tar``), a local directory (its ``*.tar``
-    files, sorted by name), a glob (``data/*.tar``, ``s3://b/shards/*.tar``), a remote prefix ending in
-    ``/`` (``s3://b/shards/``: its ``*.tar``), a URL (``file:///...``, ``s3://...``) or a list of any of
-    these. Local shards must exist; single remote ones are checked when opened. Remote listing goes
-    through ``data.storage.list_urls`` when that module is available, else fsspec.
-    """
-    if isinstance(spec, (str, os.PathLike)):
-        items = [os.fspath(spec)]
-    elif isinstance(spec, (list, tuple)):
-        items = [os.fspath(item) for item in spec]
-    else:
-        raise ValueError(f"shard spec must be a string or a list of strings, got {type(spec).__name__}")
-    urls = [
-        url
-        for item in items
-        if item.strip()
-        for pattern in braceexpand(item)
-        for url in _expand_one(pattern, spec)
-    ]
-    if not urls:
-        raise ValueError(f"shard spec {spec!r} matched no shards")
-    return urls
-
-
-def open_url(url: str) -> IO[bytes]:
-    """Open a shard for binary reading: the one place shards are opened.
-
-    Delegates to ``data.storage.open_url`` (local, ``file://``, ``s3://`` with retries) when that module
-    is available, else opens local paths directly and anything else through fsspec. Called inside the
-    process that reads, so that non-fork-safe clients (s3fs) are created in the DataLoader workers.
-    """
-    storage = _storage()
-    if storage is not None:
-        return storage.open_url(url, "rb")
-    local = _local_path(url)
-    if local is not None:
-        return open(local, "rb")
-    return fsspec.open(url, "rb").open()
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def _tar_samples(url: str, want=None, limit: int | None = None, opener=open_url) -> Iterator[dict | None]:
-    """``data.decode.read_tar`` over the shard ``url``, opened through ``opener`` (``open_url``)."""
-    with opener(url) as f:
-        yield from read_tar(f, url, want, limit)
-
-
-class _OpenAhead:
-    """Opens one worker's shards in order, each remote one while the shard before it is still being read.
-
-    A remote shard's first bytes take a HEAD and a ranged GET (~20 ms to a local S3 server), during which
-    the worker would idle once per shard; opened ahead, its read-ahead threads (``start()`` of
-    ``data.storage.ResilientReader``) fetch them while the previous shard is decoded. Local files open on
-    demand. An error opening ahead is raised when that shard's turn comes, as if opened then.
-    """
-
-    def __init__(self) -> None:
-        self._url: str | None = None
-        self._opened: Any = None  # the file opened ahead for _url, or the exception opening it raised
-
-    def open(self, url: str) -> IO[bytes]:
-        """The file of ``url``: the one opened ahead, or a fresh one."""
-        if url != self._url:
-            self.close()
-            return open_url(url)
-        opened, self._url, self._opened = self._opened, None, None
-        if isinstance(opened, BaseException):
-            raise opened
-        return opened
-
-    def ahead(self, url: str | None) -> None:
-        """Open ``url`` (the next shard) now when it is remote and its reader can start fetching."""
-        if url is None or url == self._url or _local_path(url) is not None:
-            return
-        self.close()
-        try:
-            opened = open_url(url)
-        except _SHARD_ERRORS as exc:
-            opened = exc
-        start = getattr(opened, "start", None)
-        if start is None and not isinstance(opened, BaseException):
-            opened.close()  # nothing gained by holding it open: open it in turn
-            return
-        if start is not None:
-            start()
-        self._url, self._opened = url, opened
-
-    def close(self) -> None:
-        """Close a file opened ahead and not used."""
-        if self._opened is not None and not isinstance(self._opened, BaseException):
-            self._opened.close()
-        self._url = self._opened = None
-
-
-def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Stream the samples of one tar shard as dicts ``{"__key__", "__url__", ext: bytes, ...}``.
-
-    Raises RuntimeError when the shard cannot be read (the stream itself skips and counts such shards).
-    """
-    try:
-        yield from _tar_samples(url)
-    except _SHARD_ERRORS as exc:
-        raise RuntimeError(f"failed to read shard {url}: {exc}") from exc
-
-
-def _rng(*entropy: int) -> np.random.Generator:
-    """A generator seeded by a tuple of non-negative ints (stable across processes and runs)."""
-    return np.random.default_rng(list(entropy))
-
-
-def _rank_shard_indices(num_shards: int, *, seed: int, epoch: int, rank: int, world_size: int) -> list[int]:
-    """Indices of the shards rank ``rank`` reads in epoch ``epoch``, in reading order."""
-    return [int(i) for i in _rng(_SHARD_ORDER, seed, epoch).permutation(num_shards)[rank::world_size]]
-
-
-def rank_shards(urls: Sequence[str], *, seed: int, epoch: int, rank: int, world_size: int) -> list[str]:
-    """The shards rank ``rank`` reads in epoch ``epoch``, in reading order.
-
-    The shard order is shuffled per epoch with the same seed on every rank, then dealt round-robin.
-    """
-    order = _rank_shard_indices(len(urls), seed=seed, epoch=epoch, rank=rank, world_size=world_size)
-    return [urls[i] for i in order]
-
-
-def _buffer_shuffle(samples: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
-    """Shuffle a stream with a reservoir of ``size`` items (``size <= 1``: keep the order)."""
-    if size <= 1:
-        yield from samples
-        return
-    buffer: list[Any] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = int(rng.integers(size))
-        buffer[i], sample = sample, buffer[i]
-        yield sample
-    for i in rng.permutation(len(buffer)):
-        yield buffer[i]
-
-
-# ------------------------------------------------------------------------------------ position records
-
-
-class _Ranges:
-    """A set of sample indices as sorted, disjoint half-open ranges ``[[a, b), ...]``.
-
-    Samples handed out from a shard form a prefix with a few holes (those still in a shuffle buffer) and
-    a few stragglers beyond; both stay short as ranges, bounded by the buffers, not by the shard size.
-    """
-
-    __slots__ = ("starts", "ends")
-
-    def __init__(self, pairs: Iterable[Sequence[int]] = ()) -> None:
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-        for a, b in pairs:
-            if not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b):
-                raise ValueError(f"index range must be [start, end) with 0 <= start < end, got {[a, b]}")
-            if self.ends and a <= self.ends[-1]:  # touching ranges are stored merged
-                raise ValueError(f"index ranges must be sorted and apart, got {[a, b]} after {self.ends[-1]}")
-            self.starts.append(a)
-            self.ends.append(b)
-
-    def __contains__(self, index: int) -> bool:
-        """Whether ``index`` is in the set (binary search over the range starts)."""
-        j = bisect.bisect_right(self.starts, index) - 1
-        return j >= 0 and index < self.ends[j]
-
-    def __len__(self) -> int:
-        """Number of indices in the set."""
-        return sum(b - a for a, b in zip(self.starts, self.ends))
-
-    def add(self, index: int) -> None:
-        """Insert ``index``, merging it with neighbouring ranges."""
-        j = bisect.bisect_right(self.starts, index) - 1
-        if j >= 0 and index < self.ends[j]:
-            return
-        left = j >= 0 and self.ends[j] == index
-        right = j + 1 < len(self.starts) and self.starts[j + 1] == index + 1
-        if left and right:
-            self.ends[j] = self.ends.pop(j + 1)
-            del self.starts[j + 1]
-        elif left:
-            self.ends[j] = index + 1
-        elif right:
-            self.starts[j + 1] = index
-        else:
-            self.starts.insert(j + 1, index)
-            self.ends.insert(j + 1, index + 1)
-
-    def covers(self, n: int) -> bool:
-        """Whether every index in ``[0, n)`` is in the set."""
-        return n == 0 or (bool(self.starts) and self.starts[0] == 0 and self.ends[0] >= n)
-
-    def to_list(self) -> list[list[int]]:
-        """``[[start, end), ...]`` for JSON."""
-        return [[a, b] for a, b in zip(self.starts, self.ends)]
-
-    @classmethod
-    def union(cls, *sets: _Ranges) -> _Ranges:
-        """The indices in any of ``sets``."""
-        pairs = sorted(p for s in sets for p in zip(s.starts, s.ends))
-        merged: list[list[int]] = []
-        for a, b in pairs:
-            if merged and a <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        return cls(merged)
-
-
-@dataclass(frozen=True)
-class _Position:
-    """What the workers of a resumed epoch must skip (picklable, built by the main process)."""
-
-    epoch: int
-    done: dict[int, list[list[int]]]  # source -> ranges of samples handed out or found bad
-    sizes: dict[int, int]  # source -> its number of samples, for sources read to their end
-    skip_items: tuple[int, ...]  # per worker: leading items already delivered (same layout only)
-
-
-@dataclass
-class _EpochRecord:
-    """The main process's account of the current epoch, saved in ``state_dict()["position"]``."""
-
-    num_workers: int
-    consumed: dict[int, _Ranges] = field(default_factory=dict)  # source -> samples handed out
-    bad: dict[int, _Ranges] = field(default_factory=dict)  # source -> samples found bad (counted)
-    sizes: dict[int, int] = field(default_factory=dict)  # source -> samples in it (read to the end)
-    items: list[int] = field(default_factory=list)  # per worker: leading items fully handed out
-    pending: dict[int, int] = field(default_factory=dict)  # worker -> samples of its final item not out yet
-
-    def __post_init__(self) -> None:
-        """Start every worker's item count at zero unless given."""
-        self.items = self.items or [0] * self.num_workers
-
-    def hand_out(self, source: int, index: int) -> None:
-        """Record that sample ``index`` of ``source`` went to the trainer."""
-        self.consumed.setdefault(source, _Ranges()).add(index)
-
-    def final_sample_out(self, worker: int) -> None:
-        """One more sample of ``worker``'s final item went out; the item counts once all have."""
-        self.pending[worker] -= 1
-        if self.pending[worker] == 0:
-            del self.pending[worker]
-            self.items[worker] += 1
-
-    def to_state(self) -> dict[str, list]:
-        """``{"sources": [[source, size or -1, handed-out ranges, bad ranges], ...], "worker_items"}``."""
-        sources = sorted(set(self.consumed) | set(self.bad) | set(self.sizes))
-        return {
-            "sources": [
-                [
-                    s,
-                    self.sizes.get(s, -1),
-                    self.consumed.get(s, _Ranges()).to_list(),
-                    self.bad.get(s, _Ranges()).to_list(),
-                ]
-                for s in sources
-            ],
-            "worker_items": list(self.items),
-        }
-
-    @classmethod
-    def from_state(cls, position: dict, num_workers: int, same_layout: bool) -> _EpochRecord:
-        """Rebuild from ``to_state()``; worker item counts only carry over to the same worker layout."""
-        record = cls(num_workers)
-        try:
-            for source, size, consumed, bad in position["sources"]:
-                if size >= 0:
-                    record.sizes[int(source)] = int(size)
-                if consumed:
-                    record.consumed[int(source)] = _Ranges(consumed)
-                if bad:
-                    record.bad[int(source)] = _Ranges(bad)
-            items = [int(n) for n in position["worker_items"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"stream state has a malformed 'position': {exc}") from exc
-        if same_layout and len(items) == num_workers:
-            record.items = items
-        return record
-
-    def position(self, epoch: int) -> _Position:
-        """What the workers must skip in ``epoch``: handed-out and bad samples alike."""
-        done = {
-            s: _Ranges.union(self.consumed.get(s, _Ranges()), self.bad.get(s, _Ranges())).to_list()
-            for s in set(self.consumed) | set(self.bad)
-        }
-        return _Position(epoch, done, dict(self.sizes), tuple(self.items))
-
-
-# ------------------------------------------------------------------------------------------------ workers
-
-
-def _dtype_kind(name: str) -> str:
-    """numpy's kind letter of the dtype called ``name`` ("f" for floats), "" for no dtype at all."""
-    try:
-        return np.dtype(name).kind
-    except TypeError:
-        return ""
-
-
-@dataclass(frozen=True)
-class _Settings:
-    """The arguments that fix one rank's batches; small and picklable, validated on creation."""
-
-    rank: int
-    world_size: int
-    batch_size: int
-    image_size: int
-    seed: int
-    num_workers: int
-    shuffle_buffer: int
-    random_flip: bool
-    random_crop: bool
-    bucketing: bool
-    bucket_step: int
-    mode: str
-    latent_shape: tuple[int, int, int] | None
-    latent_dtype: str | None
-    require_caption: bool
-    max_bad_fraction: float | None
-    min_samples_for_bad_check: int
-
-    def __post_init__(self) -> None:
-        """Raise ValueError for values the stream cannot work with."""
-        if self.world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
-        for name, low in _MINIMUM.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        shape = self.latent_shape
-        if shape is not None and (len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape)):
-            raise ValueError(f"latent_shape must be three positive ints (C, h, w), got {shape!r}")
-        if self.latent_dtype is not None and _dtype_kind(self.latent_dtype) != "f":
-            raise ValueError(
-                f"latent_dtype must be a float dtype such as 'float16', got {self.latent_dtype!r}"
-            )
-        if self.max_bad_fraction is not None and not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1] or None, got {self.max_bad_fraction}")
-
-    @property
-    def workers(self) -> int:
-        """Worker streams per rank: num_workers=0 reads in the main process as one stream, like 1."""
-        return max(1, self.num_workers)
-
-
-class _ShardDataset(IterableDataset):
-    """One rank's items, one epoch per ``iter()`` call, starting at ``start_epoch``.
-
-    Holds only URLs, settings and the resume position, so it pickles cheaply into workers; files are
-    opened while iterating. Each item is ``{"parts": [batch, ...], "meta": {...}}``: a full batch, a
-    worker's final partial batches, or a marker standing in for a batch delivered before a resume (so the
-    round-robin order of the workers stays the same).
-    """
-
-    def __init__(
-        self, urls: list[str], settings: _Settings, spec: DecodeSpec, start_epoch: int, position: _Position
-    ) -> None:
-        self.urls, self.settings, self.spec = urls, settings, spec
-        self.start_epoch, self.position = start_epoch, position
-        self._epochs_started = 0  # per process: each (persistent) worker counts its own iter() calls
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Start the next epoch (not a generator function, so the counter moves on ``iter()``)."""
-        epoch = self.start_epoch + self._epochs_started
-        self._epochs_started += 1
-        info = get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        position = self.position if self.position.epoch == epoch else None
-        return _WorkerEpoch(self, epoch, worker, num_workers, position).items()
-
-
-class _WorkerEpoch:
-    """What one worker does in one epoch: read its shards, shuffle, decode, batch, report."""
-
-    def __init__(
-        self, ds: _ShardDataset, epoch: int, worker: int, num_workers: int, position: _Position | None
-    ):
-        self.ds, self.cfg = ds, ds.settings
-        self.epoch, self.worker, self.num_workers = epoch, worker, num_workers
-        self.done = {s: _Ranges(r) for s, r in position.done.items()} if position else {}
-        self.sizes = dict(position.sizes) if position else {}
-        self.skip = position.skip_items[worker] if position and worker < len(position.skip_items) else 0
-        self.bad: list[list] = []  # [source, index, reason] not yet reported
-        self.ends: list[list] = []  # [source, samples, error reason or ""] not yet reported
-
-    def _sources(self) -> list[tuple[int, str]]:
-        """(source id, url) pairs this worker reads, in order; ids are shard indices in epoch mode and
-        draw slots in resampled mode (one shard may be drawn twice)."""
-        cfg, urls = self.cfg, self.ds.urls
-        if cfg.mode == "epoch":
-            order = _rank_shard_indices(
-                len(urls), seed=cfg.seed, epoch=self.epoch, rank=cfg.rank, world_size=cfg.world_size
-            )
-            return [(i, urls[i]) for i in order[self.worker :: self.num_workers]]
-        draws = math.ceil(len(urls) / (cfg.world_size * self.num_workers))
-        picks = _rng(_RESAMPLE, cfg.seed, cfg.rank, self.worker, self.epoch).integers(len(urls), size=draws)
-        return [(self.worker * draws + j, urls[int(i)]) for j, i in enumerate(picks)]
-
-    def _read(self) -> Iterator[tuple[int, int, dict | None]]:
-        """(source, index, sample) for every sample of this worker's shards; sample is None for those
-        already handed out or found bad before a resume (kept so the shuffle draws stay the same)."""
-        sources = self._sources()
-        opener = _OpenAhead()
-        try:
-            for i, (source, url) in enumerate(sources):
-                done, size = self.done.get(source, _Ranges()), self.sizes.get(source)
-                if self._read_before(source):  # nothing left in it: do not even open it
-                    yield from ((source, k, None) for k in range(size))
-                    continue
-                count, error = 0, ""
-                try:
-                    samples = _tar_samples(url, lambda k, d=done: k not in d, size, opener.open)
-                    for sample in samples:
-                        if count == 0:  # this shard is open: open the next one to be read
-                            later = (u for s, u in sources[i + 1 :] if not self._read_before(s))
-                            opener.ahead(next(later, None))
-                        yield source, count, sample
-                        count += 1
-                except _SHARD_ERRORS:
-                    error = CORRUPT_SHARD
-                # A shard whose size is known ends quietly at that size; failing before it means it changed.
-                if size is None or (error and count < size):
-                    self.ends.append([source, count, error])
-        finally:
-            opener.close()
-
-    def _read_before(self, source: int) -> bool:
-        """Whether every sample of ``source`` was handed out (or found bad) before a resume."""
-        size = self.sizes.get(source)
-        return size is not None and self.done.get(source, _Ranges()).covers(size)
-
-    def _item(self, parts: list[dict], kind: str) -> dict[str, Any]:
-        """One message to the main process, carrying the reports gathered since the last one."""
-        meta = {"epoch": self.epoch, "worker": self.worker, "kind": kind, "bad": self.bad, "ends": self.ends}
-        self.bad, self.ends = [], []
-        return {"parts": parts, "meta": meta}
-
-    def items(self) -> Iterator[dict[str, Any]]:
-        """Markers for the items delivered before a resume, then full batches, then the final item."""
-        cfg = self.cfg
-        for _ in range(self.skip):
-            yield self._item([], "marker")
-        shuffle_rng = _rng(_SAMPLE_SHUFFLE, cfg.seed, self.epoch, cfg.rank, self.worker)
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for source, index, sample in _buffer_shuffle(self._read(), cfg.shuffle_buffer, shuffle_rng):
-            if sample is None:
-                continue
-            try:
-                group, fields = decode_sample(
-                    sample, self.ds.spec, [_AUGMENT, cfg.seed, self.epoch, source, index]
-                )
-            except BadSample as exc:
-                self.bad.append([source, index, exc.reason])
-                continue
-            fields["_src"] = (source, index, self.worker)
-            buffer = groups.setdefault(group, [])
-            buffer.append(fields)
-            if len(buffer) == cfg.batch_size:
-                yield self._item([collate(buffer, group)], "batch")
-                groups[group] = []
-        # Sorted, so the final item does not depend on which group happened to come first.
-        yield self._item([collate(groups[g], g) for g in sorted(groups) if groups[g]], "final")
 
 
 class ShardStream:
@@ -732,14 +176,13 @@ class ShardStream:
             require_caption=require_caption,
         )
         self.urls = expand_urls(urls)
-        if mode == "epoch":
+        if mode == DataMode.epoch:
             self._check_shard_count()
         self._epoch = 0
         self._batches_in_epoch = 0
         self._samples_seen = 0
         self._bad_counts: Counter[str] = Counter()
         self._record = _EpochRecord(self.settings.workers)
-        self._legacy_skip = 0  # batches to drop after loading a state of the old format (no position)
         self._generation = 0  # bumped by iter()/load_state_dict(); older iterators then refuse to continue
 
     def _check_shard_count(self) -> None:
@@ -818,6 +261,8 @@ class ShardStream:
         counts = state.get("bad_counts", {})
         if not isinstance(counts, dict) or not all(isinstance(n, int) and n >= 0 for n in counts.values()):
             raise ValueError(f"stream state 'bad_counts' must map reasons to counts, got {counts!r}")
+        if "position" not in state:
+            raise ValueError("stream state needs a 'position' (as written by state_dict())")
         mine = self._order_values()
         same_workers = max(1, int(state.get("num_workers", 0))) == self.settings.workers
         changed = [
@@ -826,23 +271,19 @@ class ShardStream:
             if k in state and state[k] != mine[k] and not (k == "num_workers" and same_workers)
         ]
         lost = [k for k in _COVERAGE_FIELDS if k in state and state[k] != mine[k]]
-        if self.settings.mode == "resampled" and not same_workers:
+        if self.settings.mode == DataMode.resampled and not same_workers:
             lost.append("num_workers")
         self._epoch, self._batches_in_epoch = state["epoch"], state["batches_in_epoch"]
         self._samples_seen = int(state.get("samples_seen", 0))
         self._bad_counts = Counter(counts)
         self._record = _EpochRecord(self.settings.workers)
-        self._legacy_skip = 0
-        if "position" not in state:
-            self._legacy_skip = self._batches_in_epoch
-            consequence = "old state format: skipping as many batches as were handed out (not the same ones)"
-        elif lost:
+        if lost:
             consequence = f"the position within epoch {self._epoch} is dropped ({', '.join(lost)} changed)"
         else:
             self._record = _EpochRecord.from_state(state["position"], self.settings.workers, not changed)
             consequence = f"the order changes; each remaining sample of epoch {self._epoch} still comes once"
-        if changed or "position" not in state:
-            settings = ", ".join(changed) or "none"
+        if changed:
+            settings = ", ".join(changed)
             warnings.warn(
                 f"resuming the data stream with changed settings ({settings}); {consequence}",
                 stacklevel=2,
@@ -888,12 +329,8 @@ class ShardStream:
                 self._check_fresh(generation)
                 for batch, from_final in self._receive(item, carry):
                     self._check_fresh(generation)
-                    counted = self._legacy_skip == 0
-                    self._hand_out(batch, from_final, counted)
-                    if counted:
-                        yield batch
-                    else:
-                        self._legacy_skip -= 1
+                    self._hand_out(batch, from_final)
+                    yield batch
             self._end_epoch()
 
     def _receive(self, item: dict[str, Any], carry: dict[str, dict[str, Any]]) -> list[tuple[dict, bool]]:
@@ -942,16 +379,15 @@ class ShardStream:
             if error and new_failure:
                 self._bad_counts[error] += 1
 
-    def _hand_out(self, batch: dict[str, Any], from_final: bool, counted: bool) -> None:
+    def _hand_out(self, batch: dict[str, Any], from_final: bool) -> None:
         """Record ``batch`` as handed to the trainer and strip the fields only the stream uses."""
         batch.pop("_group")
         for source, index, worker in batch.pop("_src").tolist():
             self._record.hand_out(source, index)
             if from_final:
                 self._record.final_sample_out(worker)
-        if counted:
-            self._batches_in_epoch += 1
-            self._samples_seen += len(batch["key"])
+        self._batches_in_epoch += 1
+        self._samples_seen += len(batch["key"])
 
     def _reasons(self) -> str:
         """Bad counts as ``reason=n, ...`` for messages."""
@@ -982,4 +418,3 @@ class ShardStream:
         self._epoch += 1
         self._batches_in_epoch = 0
         self._record = _EpochRecord(self.settings.workers)
-        self._legacy_skip = 0

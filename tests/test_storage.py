@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nuance.data import storage
+from nuance.data import retries, s3reader, storage
 from nuance.data.s3server import SeaweedServer, random_credentials
 from tests.s3_fixtures import apply_env, server_env
 
@@ -193,8 +193,8 @@ def _failing_gets(monkeypatch, which: set[int]) -> list[int]:
         return real_call(self, operation, **kwargs)
 
     monkeypatch.setattr(storage._S3Object, "_call", call)
-    monkeypatch.setattr(storage, "STREAM_BLOCK_SIZE", MiB)
-    monkeypatch.setattr(storage, "_BACKOFF_FIRST_S", 0.01)
+    monkeypatch.setattr(s3reader, "STREAM_BLOCK_SIZE", MiB)
+    monkeypatch.setattr(retries, "_BACKOFF_FIRST_S", 0.01)
     return starts
 
 
@@ -226,7 +226,7 @@ def test_reader_refuses_to_resume_on_a_changed_object(s3_bucket, monkeypatch):
 def test_closed_reader_stops_reading_ahead(s3_bucket, monkeypatch):
     url = s3_bucket + "closed.bin"
     storage.write_bytes(url, os.urandom(8 * MiB))
-    monkeypatch.setattr(storage, "STREAM_BLOCK_SIZE", MiB)
+    monkeypatch.setattr(s3reader, "STREAM_BLOCK_SIZE", MiB)
     reader = storage.open_url(url)
     assert len(reader.read(10)) == 10
 
@@ -289,8 +289,8 @@ def test_open_url_survives_server_restart(tmp_path, monkeypatch):
             else:
                 monkeypatch.setenv(name, value)
         # 1 MiB blocks: beyond the few blocks read ahead, the rest of the 12 MiB needs new requests.
-        monkeypatch.setattr(storage, "STREAM_BLOCK_SIZE", MiB)
-        monkeypatch.setattr(storage, "_BACKOFF_CAP_S", 1.0)  # poll the restarting server often
+        monkeypatch.setattr(s3reader, "STREAM_BLOCK_SIZE", MiB)
+        monkeypatch.setattr(retries, "_BACKOFF_CAP_S", 1.0)  # poll the restarting server often
         data = os.urandom(12 * MiB)
         storage.write_bytes("s3://restart-test/big.bin", data)
         before = storage.retry_count()

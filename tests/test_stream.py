@@ -236,7 +236,7 @@ def test_globs_and_remote_prefixes_list_their_tars(shards, monkeypatch):
     names = [Path(p).name for p in shards[:3]]
     listed = expand_urls("memory://nuance-prefix/")  # through data.storage.list_urls when it is there
     assert [url.rsplit("/", 1)[1] for url in listed] == names
-    monkeypatch.setattr(nuance.data.stream, "_storage", lambda: None)  # without data.storage: plain fsspec
+    monkeypatch.setattr(nuance.data.shards, "_storage", lambda: None)  # without data.storage: plain fsspec
     fallback = expand_urls("memory://nuance-prefix/")
     assert [url.rsplit("/", 1)[1] for url in fallback] == names
     assert [u.rsplit("/", 1)[1] for u in expand_urls("memory://nuance-prefix/*01.tar")] == names[1:2]
@@ -602,13 +602,10 @@ def test_resume_does_not_reopen_fully_consumed_shards(tmp_path):
     assert sorted(head + tail) == [f"{i:06d}" for i in range(NUM_SAMPLES)] and resumed.bad_counts == {}
 
 
-def test_old_state_format_is_accepted_with_a_warning(shards):
-    old = {"epoch": 0, "batches_in_epoch": 2, "samples_seen": 8, "seed": 5, "rank": 0, "world_size": 2}
-    stream = _stream(shards)
-    with pytest.warns(UserWarning, match="old state format"):
-        stream.load_state_dict(old)
-    assert len(_epoch_batches(stream, iter(stream))) == BATCHES_PER_EPOCH - 2
-    assert stream.samples_seen == (BATCHES_PER_EPOCH + 1) * 4
+def test_state_without_a_position_is_refused(shards):
+    state = {"epoch": 0, "batches_in_epoch": 2, "samples_seen": 8, "seed": 5, "rank": 0, "world_size": 2}
+    with pytest.raises(ValueError, match="position"):
+        _stream(shards).load_state_dict(state)
 
 
 def test_stream_pickles_small_before_and_after_iterating(shards):
