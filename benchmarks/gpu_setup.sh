@@ -42,7 +42,7 @@ have peft==0.21.2 bitsandbytes==0.50.2 \
   || "${PIP[@]}" peft==0.21.2 bitsandbytes==0.50.2   # LoRA / QLoRA (the `finetune` extra)
 have deepspeed==0.19.8 \
   || "${PIP[@]}" --no-build-isolation deepspeed==0.19.8
-have nuance==0.1.0 && "$PY" -c 'import orchestration, trainers, data' 2>/dev/null \
+have nuance==0.1.0 && "$PY" -c 'import nuance.orchestration, nuance.trainers, nuance.data' 2>/dev/null \
   || "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 
 "$PY" - <<'EOF'

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from nuance.orchestration.recipe import RecipeError, load_recipe, preflight, recipe_to_yaml
+from nuance.trainers.config import Sampler
 
 
 def _split_recipe_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--sampler", default="default", choices=["default", "ddpm", "ddim", "euler"])
+    p.add_argument("--sampler", default=Sampler.default, choices=list(Sampler))
     p.add_argument("--num", type=int, default=4, help="images per prompt / class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples")

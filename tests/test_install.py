@@ -12,11 +12,11 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
-import tomllib
 from packaging.markers import Marker
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from nuance.trainers.config import ModelConfig
-from nuance.trainers.models.presets import PRESETS, preset_conditioning
+from nuance.trainers.models.presets import CONDITIONING, PRESETS
 
 NET_CLASSES = {"dit": DiTTransformer2DModel, "pixart": PixArtTransformer2DModel, "unet": UNet2DConditionModel}
 SUBFOLDER = {"dit": "transformer", "pixart": "transformer", "unet": "unet"}
@@ -28,7 +28,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.net = net
         self.family = family
-        self.conditioning = {"dit": "class", "pixart": "text", "unet": "text"}[family]
+        self.conditioning = CONDITIONING[family]
 
     @property
     def in_channels(self) -> int:
@@ -122,7 +122,6 @@ def build_backbone(
             module.dropout_prob = 0.0
     if cfg.gradient_checkpointing:
         net.enable_gradient_checkpointing()
-    assert preset_conditioning(cfg.name) == Backbone(net, family).conditioning
     return Backbone(net, family)
 
 
@@ -139,5 +138,6 @@ def _check_pretrained(
     if family != "dit" and cond_dim is not None and want != cond_dim:
         raise ValueError(
             f"model.pretrained={cfg.pretrained} expects text embeddings of width {want} but "
-            f"text_encoder.path={cfg.name} gives {cond_dim}: use the encoder it was trained with"
+            f"the recipe's text encoder (text_encoder.path) gives {cond_dim}: use the encoder it was "
+            "trained with"
         )
