@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nuance.data import storage
+from nuance.data.model_folders import MINILM, model_folder
 
 SHARDS_FORMAT = "nuance-shards-v1"
 LATENTS_FORMAT = "nuance-latents-v1"
@@ -228,11 +229,9 @@ def canonical_config_sha256(config: Mapping[str, Any]) -> str:
 
 def _model_folder(path_or_name: str) -> tuple[str, str]:
     """(folder to read, path to record) for a model given as 'minilm' or a local folder."""
-    if path_or_name == "minilm":
-        from nuance.trainers.models.encoders import minilm_path
-
-        return minilm_path(), "minilm"  # record the name: the packaged path differs between machines
-    folder = os.path.abspath(os.path.expanduser(path_or_name))
+    if path_or_name == MINILM:
+        return model_folder(MINILM), MINILM  # record the name: the packaged path differs between machines
+    folder = os.path.abspath(model_folder(path_or_name))
     return folder, folder
 
 

