@@ -34,3 +34,9 @@ def read_model_config(path_or_name: str, role: str) -> dict[str, Any]:
         raise ValueError(f"{role}: '{path_or_name}' has no config.json (expected a local model folder)")
     with open(path) as f:
         return json.load(f)
+
+
+def vae_downsampling(config: Any) -> int:
+    """Spatial downsampling of an AutoencoderKL from its config (dict or diffusers FrozenDict): each
+    encoder block but the last halves the resolution (SD / SDXL / SD3 VAEs: 4 blocks, 8x)."""
+    return 2 ** (len(config["block_out_channels"]) - 1)

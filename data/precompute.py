@@ -51,7 +51,7 @@ from nuance.data.manifest import (
     read_manifest_if_any,
     split_member_name,
 )
-from nuance.data.model_folders import MINILM, model_folder, read_model_config
+from nuance.data.model_folders import MINILM, model_folder, read_model_config, vae_downsampling
 
 STORE_MODES = ("mean_logvar", "sample")
 LATENT_DTYPE = "float16"
@@ -70,7 +70,7 @@ def latent_shape(vae: str, image_size: int) -> tuple[int, int, int]:
         raise ValueError(
             f"vae: '{vae}' is not an AutoencoderKL folder (its config.json has no latent_channels)"
         )
-    downsample = 2 ** (len(config["block_out_channels"]) - 1)
+    downsample = vae_downsampling(config)
     if image_size % downsample:
         raise ValueError(
             f"image_size must be a multiple of the VAE's downsampling {downsample}, got {image_size}"

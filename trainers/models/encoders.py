@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from nuance.data.model_folders import model_folder
+from nuance.data.model_folders import model_folder, vae_downsampling
 from nuance.trainers.config import TextEncoderConfig
 
 
@@ -104,7 +104,7 @@ class VAE(nn.Module):
         self.scaling_factor = conf.scaling_factor
         self.shift_factor = conf.get("shift_factor") or 0.0
         self.latent_channels = conf.latent_channels
-        self.downsample = 2 ** (len(conf.block_out_channels) - 1)
+        self.downsample = vae_downsampling(conf)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
