@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+from nuance.trainers.config import SAMPLERS_FOR, Sampler, objective_family
 from nuance.trainers.diffusion import (
+    DEFAULT_SAMPLER,
     DDPMObjective,
     DiscreteSchedule,
     FlowObjective,
@@ -14,6 +16,7 @@ from nuance.trainers.diffusion import (
     gather,
     make_betas,
     rescale_zero_terminal_snr,
+    resolve_sampler,
     v_target,
     v_to_eps,
     v_to_x0,
@@ -244,8 +247,10 @@ def test_ddpm_objective_argument_errors():
         DDPMObjective(sched, "score")
     obj = DDPMObjective(sched)
     x = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="'ddim'.*'ddpm'"):
+    with pytest.raises(ValueError, match=r"'heun'.*\['default', 'ddpm', 'ddim'\]"):
         obj.sample(lambda x, t: x, x, 5, sampler="heun")
+    with pytest.raises(ValueError, match="ddpm_ancestral"):  # the function's name is not a sampler name
+        obj.sample(lambda x, t: x, x, 5, sampler="ddpm_ancestral")
     with pytest.raises(ValueError, match="eta"):
         obj.sample(lambda x, t: x, x, 5, sampler="ddpm", eta=0.5)
     with pytest.raises(ValueError, match="shape"):
@@ -308,6 +313,31 @@ def test_build_objective_kinds():
     assert isinstance(flow, FlowObjective) and flow.prediction == "flow" and flow.default_sampler == "euler"
     assert (flow.logit_mean, flow.logit_std, flow.num_train_timesteps) == (0.3, 1.2, 500)
     assert build_objective("v", zero_terminal_snr=True).schedule.alphas_cumprod[-1].item() == 0.0
+
+
+def test_sampler_names_come_from_the_recipe_table():
+    """Objectives accept exactly `trainers.config.SAMPLERS_FOR` of their family; `default` is their own."""
+    assert set(SAMPLERS_FOR) == set(DEFAULT_SAMPLER)
+    for kind in ("eps", "v", "x0", "flow"):
+        family = objective_family(kind)
+        assert [resolve_sampler(kind, s) for s in SAMPLERS_FOR[family]] == [
+            DEFAULT_SAMPLER[family],
+            *SAMPLERS_FOR[family][1:],
+        ]
+        for other in set(Sampler) - set(SAMPLERS_FOR[family]):
+            with pytest.raises(ValueError, match="unknown sampler"):
+                resolve_sampler(kind, other)
+    assert resolve_sampler("v", "default") == Sampler.ddim and resolve_sampler("flow", "default") == "euler"
+    obj = DDPMObjective(DiscreteSchedule.from_config("linear", 10))
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    model = lambda x, t: 0.5 * x  # noqa: E731
+    assert torch.equal(obj.sample(model, x, 5, sampler="default"), obj.sample(model, x, 5, sampler="ddim"))
+    assert not torch.equal(
+        obj.sample(model, x, 5, sampler="ddpm", generator=torch.Generator().manual_seed(1)),
+        obj.sample(model, x, 5, sampler="ddim"),
+    )
+    flow = FlowObjective()
+    assert torch.equal(flow.sample(model, x, 5, sampler="default"), flow.sample(model, x, 5, sampler="euler"))
 
 
 def test_build_objective_rejects_bad_combinations():

@@ -184,6 +184,11 @@ def test_flow_objective_sample_passes_scaled_time():
 
     assert_gaussian(obj.sample(model, _x_T(), 100))
     assert seen[0].tolist() == pytest.approx([1000.0] * N) and len(seen) == 100
+    # The last step starts at the scheduler's smallest training sigma 1/T, i.e. t_model = 1.
+    assert seen[-1].tolist() == pytest.approx([1.0] * N)
+    seen.clear()
+    FlowObjective(num_train_timesteps=50).sample(lambda x, t: seen.append(t) or x * 0, _x_T(n=4), 3)
+    assert [t[0].item() for t in seen] == pytest.approx([50.0, 25.5, 1.0])
     with pytest.raises(ValueError, match="euler"):
         obj.sample(model, _x_T(n=4), 10, sampler="ddim")
 
@@ -207,10 +212,21 @@ def test_callbacks_see_every_step(name):
 
 
 def test_flow_sigmas():
-    s = flow_sigmas(4)
-    assert s.tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    # FlowMatchEulerDiscreteScheduler's grid: `steps` sigmas linear from 1 to 1/T, then a final 0.
+    s = flow_sigmas(4, num_train_timesteps=1000)
+    assert s.tolist() == pytest.approx([1.0, 0.667, 0.334, 0.001, 0.0], abs=1e-12)
+    assert flow_sigmas(1).tolist() == [1.0, 0.0]
+    assert flow_sigmas(3, num_train_timesteps=10).tolist() == pytest.approx([1.0, 0.55, 0.1, 0.0], abs=1e-12)
+
+    def shift3(x):
+        return 3 * x / (1 + 2 * x)
+
+    # Shifted: the low end is the scheduler's shifted sigma_min, and the whole grid is shifted again.
     shifted = flow_sigmas(4, shift=3.0)
-    assert shifted[0] == 1 and shifted[-1] == 0 and shifted[2].item() == pytest.approx(0.75)
+    lo = shift3(1e-3)
+    expected = [shift3(1 - i * (1 - lo) / 3) for i in range(4)] + [0.0]
+    assert shifted.tolist() == pytest.approx(expected, abs=1e-12)
+    assert shifted[0] == 1 and shifted[-1] == 0
     assert (shifted.diff() < 0).all() and (shifted[1:-1] > s[1:-1]).all()
 
 
@@ -225,6 +241,8 @@ def test_sampler_argument_errors():
         ddim(gaussian_eps_fn(sched), x, sched, 5, eta=-1.0)
     with pytest.raises(ValueError, match="shift"):
         euler_flow(gaussian_velocity_fn(), x, 5, shift=0.0)
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        euler_flow(gaussian_velocity_fn(), x, 5, num_train_timesteps=0)
 
 
 # --- classifier-free guidance -----------------------------------------------------------------------

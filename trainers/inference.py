@@ -97,14 +97,27 @@ def sample_from_checkpoint(
     return paths
 
 
-def diffusers_scheduler(recipe: RunConfig):
-    """The stock diffusers scheduler matching the recipe's objective."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+def diffusers_scheduler(recipe: RunConfig, sampler: str | None = None):
+    """The stock diffusers scheduler that samples what nuance's sampler samples for this recipe.
+
+    `sampler` (None: the recipe's `sample.sampler`; `default`: the objective's own) picks the class:
+    ddim -> DDIMScheduler, ddpm -> DDPMScheduler, euler (flow) -> FlowMatchEulerDiscreteScheduler. Each is
+    configured to walk nuance's grid (`trailing` spacing: the first step is t = T - 1) and to end where
+    nuance ends, at alpha_bar = 1 / sigma = 0, i.e. the clean x0 estimate: DDIM with
+    `set_alpha_to_one=True` (`final_alpha_cumprod = 1`, as in diffusers' DiT conversion; SD's configs use
+    False and end at alpha_bar_0), DDPMScheduler always does so. tests/test_sampler_parity.py checks that
+    nuance's samplers and these schedulers give the same samples."""
+    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from nuance.trainers.config import Sampler
+    from nuance.trainers.diffusion import resolve_sampler
 
     obj = recipe.objective
-    if obj.kind == "flow":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    return DDIMScheduler(
+    name = resolve_sampler(obj.kind, recipe.sample.sampler if sampler is None else sampler)
+    if name == Sampler.euler:
+        # FlowObjective feeds the model t = sigma * num_timesteps; the scheduler's timesteps are the same.
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=obj.num_timesteps, shift=1.0)
+    common = dict(
         num_train_timesteps=obj.num_timesteps,
         beta_start=obj.beta_start,
         beta_end=obj.beta_end,
@@ -113,8 +126,10 @@ def diffusers_scheduler(recipe: RunConfig):
         rescale_betas_zero_snr=obj.zero_terminal_snr,
         timestep_spacing="trailing",
         clip_sample=False,
-        set_alpha_to_one=False,
     )
+    if name == Sampler.ddpm:
+        return DDPMScheduler(**common, variance_type="fixed_small")  # nuance's beta_tilde posterior variance
+    return DDIMScheduler(**common, set_alpha_to_one=True)
 
 
 def export_diffusers(

@@ -1,19 +1,12 @@
 """Diffusion objectives, noise schedules and samplers (DDPM eps/v/x0 and SD3-style rectified flow)."""
 
-from .objectives import (
-    DDPMObjective,
-    FlowObjective,
-    build_objective,
-    eps_to_x0,
-    v_target,
-    v_to_eps,
-    v_to_x0,
-    x0_to_eps,
-)
+from .conversions import eps_to_x0, v_target, v_to_eps, v_to_x0, x0_to_eps
+from .objectives import DEFAULT_SAMPLER, DDPMObjective, FlowObjective, build_objective, resolve_sampler
 from .samplers import classifier_free_guidance, ddim, ddpm_ancestral, euler_flow, flow_sigmas
 from .schedules import DiscreteSchedule, gather, make_betas, rescale_zero_terminal_snr
 
 __all__ = [
+    "DEFAULT_SAMPLER",
     "DDPMObjective",
     "DiscreteSchedule",
     "FlowObjective",
@@ -27,6 +20,7 @@ __all__ = [
     "gather",
     "make_betas",
     "rescale_zero_terminal_snr",
+    "resolve_sampler",
     "v_target",
     "v_to_eps",
     "v_to_x0",

@@ -16,64 +16,31 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from nuance.trainers.config import SAMPLERS_FOR, Sampler, objective_family
+
+from .conversions import as_coeff, eps_to_x0, v_target, v_to_eps, v_to_x0, x0_to_eps
+from .samplers import ddim, ddpm_ancestral, euler_flow
 from .schedules import DiscreteSchedule, gather
 
 PREDICTIONS = ("eps", "v", "x0")
-DDPM_SAMPLERS = ("ddim", "ddpm", "ddpm_ancestral")
-FLOW_SAMPLERS = ("euler",)
 OBJECTIVE_KINDS = (*PREDICTIONS, "flow")
 
-# Floor for alpha_bar (and 1 - alpha_bar) when dividing by its square root. With zero terminal SNR
-# alpha_bar[T-1] == 0 and x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) is 0/0: eps-prediction carries no
-# information about x0 there (Lin et al. 2024, sec. 3.2). The floor keeps the result finite; it is far
-# below every non-zero alpha_bar of the stock schedules (linear ~4e-5, cosine ~2e-9 at T-1), so it only
-# acts at that degenerate point. Per dtype it is at least finfo.tiny so that it does not underflow.
-_ALPHA_BAR_FLOOR = 1e-12
+# The sampler each objective family uses for `Sampler.default`. The names a family accepts are
+# `nuance.trainers.config.SAMPLERS_FOR` (the one table the recipe check and the CLI use too).
+DEFAULT_SAMPLER = {"ddpm": Sampler.ddim, "flow": Sampler.euler}
 
 
-def _as_coeff(alpha_bar: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """alpha_bar as a tensor on x's device/dtype, a (B,) vector reshaped to broadcast over x."""
-    ab = torch.as_tensor(alpha_bar, device=x.device, dtype=x.dtype)
-    if ab.ndim == 1:
-        ab = ab.reshape(ab.shape[0], *([1] * (x.ndim - 1)))
-    return ab
-
-
-def _floor(x: torch.Tensor) -> float:
-    return max(_ALPHA_BAR_FLOOR, torch.finfo(x.dtype).tiny)
-
-
-def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
-    """Invert Ho et al. eq. 4: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab), with ab floored (see module)."""
-    ab = _as_coeff(alpha_bar, x_t)
-    return (x_t - (1 - ab).sqrt() * eps) / ab.clamp_min(_floor(x_t)).sqrt()
-
-
-def x0_to_eps(x_t: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
-    """Invert Ho et al. eq. 4 for the noise: eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab).
-
-    1 - ab is floored like ab in :func:`eps_to_x0` so that ab == 1 cannot produce inf/nan.
-    """
-    ab = _as_coeff(alpha_bar, x_t)
-    return (x_t - ab.sqrt() * x0) / (1 - ab).clamp_min(_floor(x_t)).sqrt()
-
-
-def v_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
-    """Salimans & Ho 2022 ("Progressive Distillation"), sec. 4: v = sqrt(ab) eps - sqrt(1 - ab) x0."""
-    ab = _as_coeff(alpha_bar, x0)
-    return ab.sqrt() * eps - (1 - ab).sqrt() * x0
-
-
-def v_to_x0(x_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
-    """x0 = sqrt(ab) x_t - sqrt(1 - ab) v (Salimans & Ho 2022, appendix D); well-posed at ab = 0."""
-    ab = _as_coeff(alpha_bar, x_t)
-    return ab.sqrt() * x_t - (1 - ab).sqrt() * v
-
-
-def v_to_eps(x_t: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
-    """eps = sqrt(1 - ab) x_t + sqrt(ab) v (Salimans & Ho 2022)."""
-    ab = _as_coeff(alpha_bar, x_t)
-    return (1 - ab).sqrt() * x_t + ab.sqrt() * v
+def resolve_sampler(objective_kind: str, sampler: str) -> Sampler:
+    """The concrete sampler that ``sampler`` names for an objective of kind ``objective_kind``
+    (eps / v / x0 / flow): ``default`` becomes the family's own (ddim, or euler for flow)."""
+    family = objective_family(objective_kind)
+    valid = SAMPLERS_FOR[family]
+    if sampler not in valid:
+        raise ValueError(
+            f"unknown sampler {sampler!r} for objective {objective_kind!r}; "
+            f"expected one of {[str(s) for s in valid]}"
+        )
+    return DEFAULT_SAMPLER[family] if sampler == Sampler.default else Sampler(sampler)
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -84,11 +51,6 @@ def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.to(dtype), target.to(dtype))
 
 
-def _check_sampler(sampler: str, valid: tuple[str, ...]) -> None:
-    if sampler not in valid:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(valid)}")
-
-
 class DDPMObjective:
     """Discrete-time diffusion trained with L_simple (Ho et al. 2020, eq. 14).
 
@@ -97,7 +59,7 @@ class DDPMObjective:
     ``t_model = t.to(x0.dtype)`` (integer-valued float, as diffusers backbones expect).
     """
 
-    default_sampler = "ddim"
+    default_sampler = DEFAULT_SAMPLER["ddpm"]
 
     def __init__(self, schedule: DiscreteSchedule, prediction: str = "eps") -> None:
         if prediction not in PREDICTIONS:
@@ -176,15 +138,17 @@ class DDPMObjective:
         callback: Callable | None = None,
         eta: float = 0.0,
     ) -> torch.Tensor:
-        """Draw samples from noise ``x_T`` with DDIM (``eta`` applies) or DDPM ancestral sampling."""
-        from .samplers import ddim, ddpm_ancestral  # samplers import the conversions above
+        """Draw samples from noise ``x_T`` with DDIM (``eta`` applies) or DDPM ancestral sampling.
 
-        _check_sampler(sampler, DDPM_SAMPLERS)
+        ``sampler`` is a :class:`~nuance.trainers.config.Sampler` name of the DDPM family: ``ddim``,
+        ``ddpm`` or ``default`` (= ddim).
+        """
+        sampler = resolve_sampler(self.prediction, sampler)
         eps_fn = self.eps_fn(model_fn)
-        if sampler == "ddim":
+        if sampler == Sampler.ddim:
             return ddim(eps_fn, x_T, self.schedule, steps, eta=eta, generator=generator, callback=callback)
         if eta != 0.0:
-            raise ValueError(f"eta only applies to the 'ddim' sampler, got eta={eta} with {sampler!r}")
+            raise ValueError(f"eta only applies to the 'ddim' sampler, got eta={eta} with '{sampler}'")
         return ddpm_ancestral(eps_fn, x_T, self.schedule, steps, generator=generator, callback=callback)
 
 
@@ -198,7 +162,7 @@ class FlowObjective:
     """
 
     prediction = "flow"
-    default_sampler = "euler"
+    default_sampler = DEFAULT_SAMPLER["flow"]
 
     def __init__(
         self, logit_mean: float = 0.0, logit_std: float = 1.0, num_train_timesteps: int = 1000
@@ -220,7 +184,7 @@ class FlowObjective:
 
     def q_sample(self, x0: torch.Tensor, sigma: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
         """Esser et al. eq. 3 (rectified flow path): x_t = (1 - sigma) x0 + sigma * noise."""
-        s = _as_coeff(sigma, x0)
+        s = as_coeff(sigma, x0)
         return (1 - s) * x0 + s * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -260,12 +224,14 @@ class FlowObjective:
     ) -> torch.Tensor:
         """Integrate the learned ODE from noise ``x_1`` (sigma = 1) to data (sigma = 0).
 
-        ``generator`` is accepted for a uniform sampler signature; Euler integration is deterministic.
+        ``sampler`` is ``euler`` or ``default`` (= euler). ``generator`` is accepted for a uniform sampler
+        signature; Euler integration is deterministic. The sigma grid is
+        ``flow_sigmas(steps, shift, num_train_timesteps)``, the one diffusers'
+        FlowMatchEulerDiscreteScheduler walks.
         """
-        from .samplers import euler_flow
-
-        _check_sampler(sampler, FLOW_SAMPLERS)
-        return euler_flow(self.velocity_fn(model_fn), x_1, steps, shift=shift, callback=callback)
+        resolve_sampler(self.prediction, sampler)
+        T = self.num_train_timesteps
+        return euler_flow(self.velocity_fn(model_fn), x_1, steps, shift, T, callback=callback)
 
 
 def build_objective(

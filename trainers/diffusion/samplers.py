@@ -8,6 +8,14 @@ at alpha_bar = 0 (zero terminal SNR). The flow sampler takes ``velocity_fn(x, si
 
 Every sampler calls ``callback(step_index, x)`` after each step when given. Noise comes from
 ``torch.randn(..., generator=generator)`` on ``x``'s device, so a generator must live on that device.
+
+Each sampler walks the same grid and final step as the stock diffusers scheduler that ``nuance export``
+writes (``nuance.trainers.inference.diffusers_scheduler``; tests/test_sampler_parity.py checks the samples
+agree): :func:`ddim` = ``DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=True)``,
+:func:`ddpm_ancestral` = ``DDPMScheduler(timestep_spacing="trailing", variance_type="fixed_small")``,
+:func:`euler_flow` = ``FlowMatchEulerDiscreteScheduler``. One known difference: when ``steps`` does not
+divide ``num_timesteps``, diffusers' DDIMScheduler steps from t to ``t - num_timesteps // steps`` rather
+than to the next timestep of its own trailing grid, which :func:`ddim` walks (DDPMScheduler walks it too).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .objectives import eps_to_x0
+from .conversions import eps_to_x0
 from .schedules import DiscreteSchedule
 
 
@@ -44,7 +52,11 @@ def _alpha_bar_pairs(schedule: DiscreteSchedule, steps: int) -> list[tuple[int, 
     """(t, alpha_bar_t, alpha_bar_s) for consecutive spaced timesteps t > s.
 
     After the last timestep the sampler jumps to alpha_bar = 1, i.e. returns the clean x0 estimate
-    rather than a sample that still carries the noise level of t = 0.
+    rather than a sample that still carries the noise level of t = 0. This is DDIM's own convention
+    (Song et al. 2021 define alpha_0 := 1), diffusers' ``DDIMScheduler(set_alpha_to_one=True)``
+    (``final_alpha_cumprod = 1``; the DiT conversion and nuance export use it), ``DDPMScheduler``
+    (``alpha_prod_t_prev = self.one`` after the last step) and the distillation grids of
+    ``trainers/distill.py``. (SD 1.x/2.x configs set ``set_alpha_to_one=False``: they end at alpha_bar_0.)
     """
     ts = schedule.spaced_timesteps(steps).tolist()
     ab = schedule.alphas_cumprod.tolist()  # python floats keep the float64 precision of the table
@@ -121,18 +133,28 @@ def ddim(
     return x
 
 
-def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
-    """``steps + 1`` float64 sigmas from 1 to 0: linspace, then SD3 time shift (Esser et al. 2024 sec. 5.3.2)
+def flow_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """``steps + 1`` float64 sigmas from 1 to 0: diffusers' FlowMatchEulerDiscreteScheduler grid.
 
-    sigma' = shift * s / (1 + (shift - 1) * s); shift > 1 spends more steps at high noise, which
-    larger images need because their pixels are more redundant.
+    ``FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift).set_timesteps(steps)`` spaces
+    ``steps`` sigmas linearly from its largest training sigma, 1, to its smallest, ``shift(1 / T)``, applies
+    the SD3 time shift (Esser et al. 2024 sec. 5.3.2) ``shift(s) = shift * s / (1 + (shift - 1) * s)`` to
+    them and appends a final 0. So the last step goes from ``shift(shift(1 / T))`` (1 / T for shift = 1) to
+    0, and the low end is shifted twice for shift != 1; both are kept here so that nuance samples exactly
+    what the exported scheduler samples. shift > 1 spends more steps at high noise, which larger images
+    need because their pixels are more redundant.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    for name, value in (("steps", steps), ("num_train_timesteps", num_train_timesteps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not shift > 0:
         raise ValueError(f"shift must be > 0, got {shift}")
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return shift * s / (1 + (shift - 1) * s)
+
+    def shifted(s: torch.Tensor | float):
+        return shift * s / (1 + (shift - 1) * s)
+
+    s = torch.linspace(1.0, shifted(1.0 / num_train_timesteps), steps, dtype=torch.float64)
+    return torch.cat([shifted(s), torch.zeros(1, dtype=torch.float64)])
 
 
 def euler_flow(
@@ -140,13 +162,15 @@ def euler_flow(
     x_1: torch.Tensor,
     steps: int,
     shift: float = 1.0,
+    num_train_timesteps: int = 1000,
     callback: Callable | None = None,
 ) -> torch.Tensor:
     """Euler integration of the rectified-flow ODE dx/dsigma = v(x, sigma) from sigma = 1 to 0.
 
-    Esser et al. 2024 eq. 1-3; x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v_hat on :func:`flow_sigmas`.
+    Esser et al. 2024 eq. 1-3; x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v_hat on :func:`flow_sigmas`
+    (``FlowMatchEulerDiscreteScheduler.step``).
     """
-    sigmas = flow_sigmas(steps, shift).tolist()
+    sigmas = flow_sigmas(steps, shift, num_train_timesteps).tolist()
     x = x_1
     for i in range(steps):
         sigma = torch.full((x.shape[0],), sigmas[i], device=x.device, dtype=x.dtype)
