@@ -98,7 +98,7 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
-            raise _explain(err, f"command line override '{item}'") from err
+            raise _explain(err, f"{path} + command line override '{item}'") from err
     source = f"{path}" + (" + command line" if overrides else "")
     recipe = _instantiate(merged, source)
     validate(recipe, source=source)
@@ -129,6 +129,10 @@ def _check(ok: bool, source: str, key: str, message: str) -> None:
 
 def validate(recipe: Recipe, source: str = "recipe") -> None:
     """Checks across sections (each section checks its own values when it is built)."""
+    if recipe.kind == RecipeKind.lora:
+        _validate_lora(recipe, source)
+    if recipe.kind in (RecipeKind.progressive_distill, RecipeKind.adversarial_distill):
+        _validate_distill(recipe, source)
     _check(
         recipe.engine.precision != Precision.fp16 or recipe.cluster.use_gpu,
         source,
@@ -151,10 +155,6 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             "sample.classes",
             f"must be class ids in [0, {num_classes}) for model {recipe.model.name}",
         )
-    if recipe.kind == RecipeKind.lora:
-        _validate_lora(recipe, source)
-    if recipe.kind in (RecipeKind.progressive_distill, RecipeKind.adversarial_distill):
-        _validate_distill(recipe, source)
 
 
 def _validate_lora(recipe: Recipe, source: str) -> None:
