@@ -109,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="class id (class-conditional models); repeatable",
     )
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
+    p.add_argument(
+        "--cfg", type=float, default=None, help="guidance scale, 1 = off (default: the recipe's sample.cfg)"
+    )
     p.add_argument("--sampler", default=Sampler.default, choices=list(Sampler))
     p.add_argument("--num", type=int, default=4, help="images per prompt / class")
     p.add_argument("--seed", type=int, default=0)

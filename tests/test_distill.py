@@ -26,6 +26,7 @@ from nuance.trainers.config import ModelConfig
 from nuance.trainers.diffusion import DDPMObjective, DiscreteSchedule
 from nuance.trainers.discriminator import Discriminator, discriminator_loss, generator_loss
 from nuance.trainers.models.backbone import build_backbone
+from nuance.trainers.quality import Evaluator
 from tests.distill_fixtures import debug_recipe
 
 EVAL_PROMPTS = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("circle", "square")]
@@ -364,9 +365,13 @@ def sample_mse(teacher_dir: Path, checkpoint: Path, student_steps: int) -> dict[
     reference = images(teacher, teacher_obj, 32)
     teacher_few = images(teacher, teacher_obj, student_steps)
     student_few = images(comps.backbone, comps.objective, student_steps)
+    evaluator = Evaluator.for_data(recipe.data)  # nuance's quality metric on the toy data (16 px)
     return {
         f"teacher_{student_steps}": float((teacher_few - reference).square().mean()),
         f"student_{student_steps}": float((student_few - reference).square().mean()),
+        f"kid_teacher_{student_steps}": evaluator.kid_to(teacher_few),
+        f"kid_student_{student_steps}": evaluator.kid_to(student_few),
+        "kid_teacher_32": evaluator.kid_to(reference),
     }
 
 
@@ -411,8 +416,9 @@ def test_progressive_32_to_4_resumes_and_beats_the_teachers_4_steps(
 
     mse = sample_mse(distill_teacher, run / "step_00000150", 4)
     print(f"\nteacher: {(distill_teacher / 'train_log.txt').read_text().strip()}")
-    print(f"progressive 32->16->8->4, MSE to the teacher's 32-step samples: {mse}")
+    print(f"progressive 32->16->8->4, MSE to the teacher's 32-step samples and KID to the data: {mse}")
     assert mse["student_4"] < 0.5 * mse["teacher_4"], mse
+    assert mse["kid_student_4"] < mse["kid_teacher_4"], mse  # closer to the data than the teacher's 4 steps
 
 
 @pytest.mark.slow
@@ -456,3 +462,4 @@ def test_adversarial_4_step_student_resumes_and_beats_the_teachers_4_steps(
     d = {k: round(m[100][f"distill/{k}"], 4) for k in ("d_loss", "p_real", "p_fake", "mse")}
     print(f"\nadversarial 16->4 (+ MSE term), MSE to the teacher's 32-step samples: {mse}; step 100: {d}")
     assert mse["student_4"] < 0.5 * mse["teacher_4"], mse
+    assert mse["kid_student_4"] < mse["kid_teacher_4"], mse

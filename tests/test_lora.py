@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 
+from nuance.data.config import DataConfig
 from nuance.orchestration.recipe import RecipeError, load_recipe
 from nuance.trainers import lora as L
 from nuance.trainers.config import LoraConfig, ModelConfig
 from nuance.trainers.models.backbone import NET_CLASSES, build_backbone
 from nuance.trainers.models.presets import preset_conditioning
+from nuance.trainers.quality import Evaluator, load_real
 from tests.conftest import free_port
 
 TEXT_DIM = 384  # width of the offline MiniLM text encoder
@@ -353,8 +356,6 @@ def mean_rgb(images) -> np.ndarray:
     """Mean colour (R, G, B) in [0, 1] of images: a tensor (N, 3, H, W) in [0, 1] or PNG paths."""
     if isinstance(images, torch.Tensor):
         return images.mean(dim=(0, 2, 3)).numpy()
-    from PIL import Image
-
     return np.mean(
         [np.asarray(Image.open(p).convert("RGB"), np.float32).mean((0, 1)) / 255 for p in images], 0
     )
@@ -404,15 +405,16 @@ def lora_recipe(world: Path, storage: Path, name: str, *overrides: str):
     return recipe
 
 
-def assert_samples_moved_to_red(ckpt: Path, world: Path, out: Path) -> None:
+def assert_samples_moved_to_red(ckpt: Path, world: Path, out: Path, toy_cache: Path) -> None:
     """Samples of the LoRA checkpoint (`nuance sample`'s code path) against its base model's for the
     same prompts and noise: redder, mean (R - B), and closer in mean colour to the red fine-tuning set."""
     from nuance.trainers.components import build_components
     from nuance.trainers.inference import load_checkpoint_model, sample_from_checkpoint
     from nuance.trainers.sampling import generate
 
-    kw = dict(prompts=PROMPTS, classes=[], num_per_condition=3, steps=8, cfg=1.0)
-    tuned = mean_rgb(sample_from_checkpoint(ckpt, out=out, seed=0, **kw))
+    kw = dict(prompts=PROMPTS, classes=[], num_per_condition=8, steps=8, cfg=1.0)
+    tuned_paths = sample_from_checkpoint(ckpt, out=out, seed=0, **kw)
+    tuned = mean_rgb(tuned_paths)
     recipe, _ = load_checkpoint_model(ckpt)
     base = build_components(recipe)  # model.pretrained, no adapters
     images, _ = generate(
@@ -423,6 +425,13 @@ def assert_samples_moved_to_red(ckpt: Path, world: Path, out: Path) -> None:
     target = np.load(world / "red_mean_rgb.npy")
     assert tuned[0] - tuned[2] > before[0] - before[2], (tuned, before)
     assert np.abs(tuned - target).sum() < 0.6 * np.abs(before - target).sum(), (tuned, before, target)
+    # nuance's quality metric: KID to the red fine-tuning set falls (features of the toy-data classifier).
+    evaluator = Evaluator.for_data(DataConfig(cache_dir=str(toy_cache), image_size=32))
+    red = (load_real(DataConfig(source=str(world / "red"), image_size=32), 400).images + 1) / 2
+    pngs = torch.stack([torch.from_numpy(np.asarray(Image.open(p), np.float32) / 255).permute(2, 0, 1)
+                        for p in tuned_paths])  # fmt: skip
+    kid_tuned, kid_before = evaluator.kid_to(pngs, red), evaluator.kid_to(images, red)
+    assert kid_tuned < 0.5 * kid_before, (kid_tuned, kid_before)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -430,7 +439,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_lora_finetune_resumes_moves_samples_to_the_data_and_exports(tmp_path, red_world, ray_cluster):
+def test_lora_finetune_resumes_moves_samples_to_the_data_and_exports(
+    tmp_path, red_world, ray_cluster, toy_cache
+):
     from diffusers import PixArtTransformer2DModel
     from peft import PeftModel
 
@@ -453,7 +464,7 @@ def test_lora_finetune_resumes_moves_samples_to_the_data_and_exports(tmp_path, r
     info = json.loads((ckpt / "lora" / L.INFO_NAME).read_text())
     assert info["step"] == steps and info["base"] == str((red_world / "base").resolve())
     assert (ckpt / "lora" / L.LORA_WEIGHT_NAME).is_file() and (run_dir / "samples").is_dir()
-    assert_samples_moved_to_red(ckpt, red_world, tmp_path / "samples")
+    assert_samples_moved_to_red(ckpt, red_world, tmp_path / "samples", toy_cache)
 
     # Export: stock diffusers computes what nuance's LoRA checkpoint computes.
     _, comps = load_checkpoint_model(ckpt)
@@ -474,7 +485,7 @@ def test_lora_finetune_resumes_moves_samples_to_the_data_and_exports(tmp_path, r
 
 
 @pytest.mark.slow
-def test_qlora_finetune_moves_samples_and_merges(tmp_path, red_world, ray_cluster):
+def test_qlora_finetune_moves_samples_and_merges(tmp_path, red_world, ray_cluster, toy_cache):
     import bitsandbytes as bnb
     from diffusers import PixArtTransformer2DModel
 
@@ -493,7 +504,7 @@ def test_qlora_finetune_moves_samples_and_merges(tmp_path, red_world, ray_cluste
     assert info["quantized_base"] and info["weights"] == "ema"  # the EMA of the adapters, as sampled
     _, comps = load_checkpoint_model(ckpt)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in comps.backbone.modules())  # sampled as trained
-    assert_samples_moved_to_red(ckpt, red_world, tmp_path / "samples")
+    assert_samples_moved_to_red(ckpt, red_world, tmp_path / "samples", toy_cache)
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([300.0, 700.0])
     cond = comps.conditioner.from_captions(["a red circle", "a blue square"])
     ours = run(comps.backbone, x, t, cond)

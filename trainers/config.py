@@ -237,6 +237,9 @@ class SampleConfig:
     classes: list[int] = field(default_factory=lambda: [0, 1])
     num_per_condition: int = 2
     seed: int = 1234
+    eval_per_condition: int = 0
+    """Quality metrics at each sample step (W&B `eval/accuracy`, `eval/kid`; see `nuance eval`): this many
+    samples for each of up to 16 classes of the data. 0: off. Needs image shards with class labels."""
 
     def __post_init__(self) -> None:
         check(
@@ -244,6 +247,7 @@ class SampleConfig:
             "steps",
             "needs sample.steps >= 1, sample.num_per_condition >= 1 and sample.every >= 0",
         )
+        check(self.eval_per_condition >= 0, "eval_per_condition", "must be >= 0 (0: off)")
 
 
 @dataclass

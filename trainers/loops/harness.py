@@ -20,6 +20,7 @@ from nuance.trainers.config import OptimConfig, RunConfig, config_to_dict, confi
 from nuance.trainers.context import RunContext, reseed_for_rank
 from nuance.trainers.ema import EMA
 from nuance.trainers.engine import StepStats, TrainEngine, global_batch_size
+from nuance.trainers.quality import Evaluator
 from nuance.trainers.sampling import generate, save_grid
 from nuance.trainers.tracking import Tracker, peak_flops, train_flops_per_sample, zero_grads
 
@@ -41,6 +42,7 @@ class Harness:
         self.last: dict = {}
         self._batches = None
         self._window = (time.perf_counter(), 0.0, 0)  # (start, data wait, steps)
+        self._quality: Evaluator | None | bool = None  # False: the data cannot be evaluated
 
     # -- inputs -----------------------------------------------------------------------------------
     def to_x0(self, batch: dict) -> torch.Tensor:
@@ -230,37 +232,63 @@ class Harness:
 
     @torch.no_grad()
     def sample_grid(self, step: int, engine: TrainEngine, ema: EMA | None, steps: int | None = None) -> None:
-        """A sample grid from the (EMA) model; under ZeRO-3 every rank holds a slice, so all take part."""
-        recipe, ctx, comps = self.recipe, self.ctx, self.comps
+        """A sample grid from the (EMA) model, and the quality metrics when sample.eval_per_condition > 0;
+        under ZeRO-3 every rank holds a slice, so all take part."""
+        recipe, ctx = self.recipe, self.ctx
         if ctx.rank != 0 and recipe.engine.zero_stage != 3:
             return
         smp = recipe.sample
-        engine.module.eval()
-        try:
-            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-                images, titles = generate(
-                    engine.ds,
-                    comps.objective,
-                    comps.conditioner,
-                    comps.autoencoder,
-                    prompts=smp.prompts,
-                    classes=smp.classes,
-                    num_per_condition=smp.num_per_condition,
-                    latent_shape=comps.latent_shape,
-                    steps=steps or smp.steps,
-                    cfg=smp.cfg,
-                    sampler=smp.sampler,
-                    seed=smp.seed,
-                    device=ctx.device,
-                )
-        finally:
-            engine.module.train()
+        images, titles = self._generate(engine, ema, smp.prompts, smp.classes, smp.num_per_condition, steps)
         if ctx.rank == 0:
             path = save_grid(
                 images, ctx.run_dir / "samples" / f"step_{step:08d}.png", ncol=smp.num_per_condition
             )
             self.tracker.log_image("samples", path, " | ".join(dict.fromkeys(titles)), step)
             ctx.log(f"sample grid: {path}")
+        evaluator = self._evaluator()
+        if evaluator is not None:
+            prompts, classes = evaluator.conditions(self.comps.conditioner.conditioning)
+            images, _ = self._generate(engine, ema, prompts, classes, smp.eval_per_condition, steps)
+            if ctx.rank == 0:
+                scores = evaluator.score(images, smp.eval_per_condition)
+                self.tracker.log({f"eval/{k}": v for k, v in scores.items()}, step)
+                ctx.log(f"eval: conditional accuracy {scores['accuracy']:.3f} | KID {scores['kid']:.4f}")
+
+    def _generate(self, engine, ema, prompts, classes, num_per_condition, steps=None):
+        smp, comps = self.recipe.sample, self.comps
+        engine.module.eval()
+        try:
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                return generate(
+                    engine.ds,
+                    comps.objective,
+                    comps.conditioner,
+                    comps.autoencoder,
+                    prompts=prompts,
+                    classes=classes,
+                    num_per_condition=num_per_condition,
+                    latent_shape=comps.latent_shape,
+                    steps=steps or smp.steps,
+                    cfg=smp.cfg,
+                    sampler=smp.sampler,
+                    seed=smp.seed,
+                    device=self.ctx.device,
+                )
+        finally:
+            engine.module.train()
+
+    def _evaluator(self) -> Evaluator | None:
+        """The quality evaluator of the run's data, built at the first sample step (None: off)."""
+        if self.recipe.sample.eval_per_condition <= 0 or self._quality is False:
+            return None
+        if self._quality is None:
+            try:
+                self._quality = Evaluator.for_data(self.recipe.data)
+            except ValueError as err:  # latent shards, or images without class labels: train on
+                self.ctx.log(f"quality metrics off (sample.eval_per_condition): {err}")
+                self._quality = False
+                return None
+        return self._quality
 
     def train_loop(self, engine: TrainEngine, ema: EMA | None, step: int, loss_fn) -> dict:
         """The plain loop of one engine: step from `step` to train.max_steps, then finish."""
