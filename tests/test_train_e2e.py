@@ -89,7 +89,9 @@ def test_quickstart_cli_trains_samples_and_exports(tmp_path, toy_cache, nuance_c
     print(f"\nquickstart quality at step 1000: EMA {ema}, raw {raw}, logged {metrics[1000]}")
     assert ema["real_accuracy"] >= 0.95  # the feature classifier itself is reliable on real images
     assert ema["accuracy"] >= 0.90, ema  # colour and shape follow the prompt
-    assert ema["accuracy"] >= raw["accuracy"], (ema, raw)  # the EMA helps, it does not hurt
+    # The EMA does not hurt (before its warm-up it cost 0.23 accuracy): at least the raw weights' score,
+    # up to one sample of 192 (measured here: 0.990 vs 0.984, and 0.990 vs 0.990 with a lower KID).
+    assert ema["accuracy"] >= raw["accuracy"] - 1 / ema["num_samples"], (ema, raw)
 
     # Conditioning works: samples for "red" captions are redder than for "blue" ones.
     out = tmp_path / "samples"
