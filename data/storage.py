@@ -1,12 +1,6 @@
 """Object storage behind one small API: local paths, ``file://`` URLs and ``s3://`` URLs.
 
-S3 settings come only from the environment (or the named ``AWS_PROFILE``), never from recipes, so that no
-recipe, checkpoint or log ever carries a credential:
-
-- endpoint: ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL`` (unset: AWS, or the profile's endpoint);
-- credentials: ``AWS_ACCESS_KEY_ID`` + ``AWS_SECRET_ACCESS_KEY`` (+ ``AWS_SESSION_TOKEN``), else
-  ``AWS_PROFILE``, else botocore's default chain;
-- region: ``AWS_REGION``, else ``AWS_DEFAULT_REGION``.
+S3 settings come only from the environment, never from recipes (``data.s3clients`` lists them).
 
 Every S3 operation here retries transient failures (connection refused/reset, timeouts, HTTP 5xx,
 throttling) with exponential backoff and jitter for at most ``NUANCE_S3_RETRY_SECONDS`` (default 120 s)
@@ -14,10 +8,9 @@ per outage; reads from ``open_url`` fetch the object in ranged GETs ahead of the
 one from its start, so a tar stream survives an S3 server restart. ``retry_count()`` counts the retries
 of this process.
 
-The pieces live in their own modules, all re-exported here: ``data.s3clients`` (settings from the
-environment, per-process clients), ``data.retries`` (what is transient, the backoff) and
-``data.s3reader`` (``ResilientReader``). The tunables ``STREAM_BLOCK_SIZE``, ``READAHEAD_STREAMS``,
-``DEFAULT_RETRY_SECONDS`` and the backoff timings are read and set through this module too.
+The pieces live in their own modules, the names other code uses re-exported here: ``data.s3clients``
+(settings from the environment, per-process clients), ``data.retries`` (what is transient, the backoff;
+its tunables) and ``data.s3reader`` (``ResilientReader``; ``STREAM_BLOCK_SIZE``, ``READAHEAD_STREAMS``).
 """
 
 from __future__ import annotations

@@ -38,6 +38,36 @@ def local_checkpoint(ckpt_dir: str | Path) -> Path:
     return target
 
 
+def checkpoint_images(
+    recipe: RunConfig,
+    comps: Components,
+    prompts: list[str],
+    classes: list[int],
+    num_per_condition: int,
+    steps: int | None,
+    cfg: float | None,
+    sampler: str,
+    seed: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, list[str]]:
+    """Images of a loaded checkpoint, with the recipe's sampling steps and guidance unless given."""
+    return generate(
+        comps.backbone,
+        comps.objective,
+        comps.conditioner,
+        comps.autoencoder,
+        prompts=prompts,
+        classes=classes,
+        num_per_condition=num_per_condition,
+        latent_shape=comps.latent_shape,
+        steps=steps or recipe.sample.steps,
+        cfg=recipe.sample.cfg if cfg is None else cfg,
+        sampler=sampler,
+        seed=seed,
+        device=device,
+    )
+
+
 def load_checkpoint_model(
     ckpt_dir: str | Path, use_ema: bool = True, device: torch.device | str = "cpu"
 ) -> tuple[RunConfig, Components]:
@@ -74,20 +104,8 @@ def sample_from_checkpoint(
         prompts = list(recipe.sample.prompts)
     if comps.conditioner.conditioning == "class" and not classes:
         classes = list(recipe.sample.classes)
-    images, titles = generate(
-        comps.backbone,
-        comps.objective,
-        comps.conditioner,
-        comps.autoencoder,
-        prompts=prompts,
-        classes=classes,
-        num_per_condition=num_per_condition,
-        latent_shape=comps.latent_shape,
-        steps=steps or recipe.sample.steps,  # the recipe's sampling settings unless given
-        cfg=recipe.sample.cfg if cfg is None else cfg,
-        sampler=sampler,
-        seed=seed,
-        device=device,
+    images, titles = checkpoint_images(
+        recipe, comps, prompts, classes, num_per_condition, steps, cfg, sampler, seed, device
     )
     paths = []
     for i, title in enumerate(dict.fromkeys(titles)):

@@ -30,6 +30,7 @@ from torch import nn
 
 from nuance.data.builder import build_stream, ensure_toy_dataset
 from nuance.data.config import DataConfig
+from nuance.trainers.inference import checkpoint_images, load_checkpoint_model
 
 RESOLUTION = 32  # images are resized to this before the classifier: cheap on any data size
 FEATURES = 128
@@ -223,9 +224,6 @@ def evaluate_checkpoint(
     seed: int = 0,
 ) -> dict[str, float]:
     """Generate `per_condition` samples per evaluated class from a checkpoint and score them."""
-    from nuance.trainers.inference import load_checkpoint_model
-    from nuance.trainers.sampling import generate
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     recipe, comps = load_checkpoint_model(ckpt_dir, use_ema, device)
     data = (
@@ -233,19 +231,7 @@ def evaluate_checkpoint(
     )
     evaluator = Evaluator.for_data(data)
     prompts, classes = evaluator.conditions(comps.conditioner.conditioning)
-    images, _ = generate(
-        comps.backbone,
-        comps.objective,
-        comps.conditioner,
-        comps.autoencoder,
-        prompts=prompts,
-        classes=classes,
-        num_per_condition=per_condition,
-        latent_shape=comps.latent_shape,
-        steps=steps or recipe.sample.steps,
-        cfg=recipe.sample.cfg if cfg is None else cfg,
-        sampler=sampler,
-        seed=seed,
-        device=device,
+    images, _ = checkpoint_images(
+        recipe, comps, prompts, classes, per_condition, steps, cfg, sampler, seed, device
     )
     return evaluator.score(images, per_condition)
