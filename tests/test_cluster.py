@@ -43,6 +43,7 @@ def job_args(tmp_path: Path, toy_cache: Path, name: str, *extra: str) -> list[st
         "train.log_every=1",
         "data.log_keys=true",
         "cluster.placement_strategy=SPREAD",
+        "sample.eval_per_condition=0",  # cluster behaviour; sample quality is tested in test_train_e2e
         *extra,
     ]
 

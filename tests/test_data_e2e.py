@@ -35,6 +35,7 @@ def recipe_for(tmp_path, toy_cache, name: str, *overrides: str):
             "sample.num_per_condition=1",
             "data.batch_size=8",
             "data.log_keys=true",
+            "sample.eval_per_condition=0",  # data tests; sample quality is tested in test_train_e2e
             *overrides,
         ],
     )
@@ -134,6 +135,7 @@ def test_shard_precompute_then_train_on_latents(tmp_path, toy_cache, ray_cluster
         "latents",
         f"data.source={tmp_path / 'latents'}",
         f"vae={vae}",
+        "data.image_size=32",  # the size the latents were made at
         "train.max_steps=3",
         "text_encoder.max_length=8",
     )
@@ -146,7 +148,8 @@ def test_shard_precompute_then_train_on_latents(tmp_path, toy_cache, ray_cluster
     (other / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
     from nuance.orchestration.launch import train as train_again
 
-    wrong = recipe_for(tmp_path, toy_cache, "wrong", f"data.source={tmp_path / 'latents'}", f"vae={other}")
+    latents = f"data.source={tmp_path / 'latents'}"
+    wrong = recipe_for(tmp_path, toy_cache, "wrong", latents, f"vae={other}", "data.image_size=32")
     preflight(wrong)
     with pytest.raises((ValueError, RecipeError), match="vae"):
         train_again(wrong)

@@ -103,8 +103,12 @@ def load_real(data: DataConfig, max_samples: int) -> RealSet:
 @torch.enable_grad()  # also when called from sampling code under no_grad
 def train_classifier(real: RealSet, epochs: int = 10, seed: int = 0) -> tuple[Classifier, float]:
     """Fit on 90% of the real images; returns the classifier and its accuracy on the other 10%."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the training run's RNG stream stays untouched (exact resume)
+        torch.manual_seed(seed)
+        return _fit(real, epochs, torch.Generator().manual_seed(seed))
+
+
+def _fit(real: RealSet, epochs: int, generator: torch.Generator) -> tuple[Classifier, float]:
     order = torch.randperm(len(real.labels), generator=generator)
     num_test = max(1, len(order) // 10)
     test, train = order[:num_test], order[num_test:]
@@ -159,7 +163,14 @@ class Evaluator:
 
     @classmethod
     def for_data(cls, data: DataConfig, max_samples: int = 2048) -> Evaluator:
-        """Train (or load the cached) classifier of `data`."""
+        """Train (or load the cached) classifier of `data`. The global RNGs are left as they were (the
+        data loader and the classifier's init draw from them), so a training run that evaluates at a
+        sample step still resumes exactly."""
+        with torch.random.fork_rng(devices=[]):
+            return cls._for_data(data, max_samples)
+
+    @classmethod
+    def _for_data(cls, data: DataConfig, max_samples: int) -> Evaluator:
         real = load_real(data, max_samples)
         key = json.dumps(
             [FORMAT, data.source, data.image_size, data.toy_samples, max_samples, len(real.labels)]
