@@ -36,6 +36,7 @@ def job_args(tmp_path: Path, toy_cache: Path, name: str, *extra: str) -> list[st
         f"data.cache_dir={toy_cache}",
         "model.name=dit_debug",
         "model.num_classes=12",
+        "data.image_size=32",  # steps slow enough for the fault tests to act mid-run
         "sample.classes=[0,9]",
         "sample.steps=2",
         "sample.num_per_condition=1",
