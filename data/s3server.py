@@ -29,7 +29,11 @@ REGION = "us-east-1"
 # weed's admin worker dials admin.port + 10000 regardless, so every pair keeps that offset.
 COMPONENTS = ("s3", "master", "volume", "filer", "admin")
 GRPC_OFFSET = 10000
+# Listening ports come from [20000, 55000 + GRPC_OFFSET) minus the kernel's ephemeral range: the kernel hands
+# ephemeral ports to outgoing connections, which could take one of ours while weed restarts (seen in CI).
+# Below 20000 are Ray's worker ports (10002-19999 by default).
 _PORT_RANGE = (20000, 55000)
+_EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 # S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens, starting and ending alphanumeric.
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 # Variables weed must not see: with AWS_* keys in its environment it would accept them as an extra admin
@@ -51,14 +55,32 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_range() -> range:
+    """The ports the kernel may give outgoing connections (Linux default 32768-60999)."""
+    try:
+        low, high = map(int, _EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return range(32768, 61000)
+    return range(low, high + 1)
+
+
+def _candidate_ports() -> list[int]:
+    """HTTP ports P in the range whose pair (P, P + 10000) stays clear of the ephemeral range."""
+    ephemeral = _ephemeral_range()
+    ports = [p for p in range(*_PORT_RANGE) if p not in ephemeral and p + GRPC_OFFSET not in ephemeral]
+    # A machine whose ephemeral range covers nearly everything: fall back to the whole range.
+    return ports if len(ports) >= 200 else list(range(*_PORT_RANGE))
+
+
 def pick_ports(s3_port: int | None = None) -> dict[str, int]:
     """Free ``<component>.port`` / ``<component>.port.grpc`` pairs (P, P + 10000) for every component."""
     rng = random.SystemRandom()
+    candidates = _candidate_ports()
     ports: dict[str, int] = {}
     for component in COMPONENTS:
         fixed = s3_port if component == "s3" else None
         for _ in range(1000):
-            port = fixed or rng.randrange(*_PORT_RANGE)
+            port = fixed or rng.choice(candidates)
             pair = (port, port + GRPC_OFFSET)
             if fixed or (not set(pair) & set(ports.values()) and all(map(_port_is_free, pair))):
                 ports[f"{component}.port"], ports[f"{component}.port.grpc"] = pair

@@ -34,6 +34,7 @@ def cmd_recipe_show(ns: argparse.Namespace) -> int:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from nuance.orchestration.launch import run_dir_for, train
+    from nuance.trainers.entry import OOM_PREFIX
 
     name, overrides = _split_recipe_args(ns.args)
     recipe, path = load_recipe(name, overrides)
@@ -43,6 +44,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
     result = train(recipe)
     if result.error is not None:
         print(f"[nuance] run failed: {result.error}", file=sys.stderr)
+        hints = [line for line in str(result.error).splitlines() if OOM_PREFIX in line]
+        if hints:  # the worker's one-line hint, last, below Ray's traceback
+            print(f"nuance: error: {hints[-1][hints[-1].index(OOM_PREFIX) :]}", file=sys.stderr)
         return 1
     print(f"[nuance] done: {dict(result.metrics or {})}")
     if result.checkpoint is not None:

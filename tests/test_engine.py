@@ -37,6 +37,22 @@ def test_deepspeed_config_is_derived_from_the_recipe():
     assert "offload_optimizer" not in plain["zero_optimization"] and not plain["bf16"]["enabled"]
 
 
+def test_backend_auto_picks_ddp_only_where_zero_shards_nothing():
+    from nuance.trainers.engine import resolve_backend
+
+    def pick(world_size, cuda=True, **engine):
+        return str(resolve_backend(EngineConfig(**engine), world_size=world_size, cuda=cuda))
+
+    assert pick(1, zero_stage=2) == "ddp"  # one GPU: nothing to shard across
+    assert pick(8, zero_stage=0) == "ddp"  # several GPUs, no sharding asked for
+    assert pick(8, zero_stage=2) == "deepspeed"
+    assert pick(1, zero_stage=2, offload_optimizer=True) == "deepspeed"  # offload is DeepSpeed's
+    assert pick(1, cuda=False) == "deepspeed"  # CPU runs keep DeepSpeed (gloo)
+    assert pick(8, zero_stage=3, backend="ddp") == "ddp"  # explicit wins
+    with pytest.raises(ValueError, match="backend"):
+        EngineConfig(backend="ddp", zero_stage=2, offload_optimizer=True)
+
+
 def test_lr_schedule_warmup_then_decay():
     optim = OptimConfig(warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
     assert lr_multiplier(0, optim, 110) == pytest.approx(0.1)
@@ -53,16 +69,16 @@ def _batch(rank: int, step: int):
     return torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
 
 
-def _make_engine(stage: int):
+def _make_engine(stage: int, backend: str):
     from nuance.trainers.config import ModelConfig
-    from nuance.trainers.engine import TrainEngine
+    from nuance.trainers.engine import build_engine
     from nuance.trainers.models.backbone import build_backbone
 
     torch.manual_seed(0)
     model = build_backbone(ModelConfig(name="dit_debug", num_classes=4), in_channels=3, sample_size=8)
-    return TrainEngine(
+    return build_engine(
         model,
-        EngineConfig(zero_stage=stage),
+        EngineConfig(zero_stage=stage, backend=backend),
         OptimConfig(lr=1e-3, warmup_steps=2, decay="linear"),
         micro_batch=4,
         world_size=2,
@@ -85,7 +101,11 @@ def _steps(engine, rank: int, steps: range) -> list[float]:
     return losses
 
 
-def _worker(rank: int, port: int, stage: int, out_dir: str) -> None:
+def _weights_digest(engine) -> float:
+    return float(sum(p.double().sum() for p in engine.module.parameters() if not hasattr(p, "ds_id")))
+
+
+def _worker(rank: int, port: int, stage: int, backend: str, out_dir: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -97,34 +117,42 @@ def _worker(rank: int, port: int, stage: int, out_dir: str) -> None:
     )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    engine = _make_engine(stage)
+    engine = _make_engine(stage, backend)
+    assert engine.backend == backend
     local, total = engine.local_param_numel()
     straight = _steps(engine, rank, range(0, 2))
     engine.save(os.path.join(out_dir, "ckpt"))
     straight += _steps(engine, rank, range(2, 5))
     torch.distributed.barrier()
 
-    resumed_engine = _make_engine(stage)  # fresh weights and optimizer, then load step-2 state
+    digest = _weights_digest(engine)
+    resumed_engine = _make_engine(stage, backend)  # fresh weights and optimizer, then load step-2 state
     resumed_engine.load(os.path.join(out_dir, "ckpt"))
     resumed = _steps(resumed_engine, rank, range(2, 5))
-    result = {"local": local, "total": total, "straight": straight, "resumed": resumed}
+    result = {"local": local, "total": total, "straight": straight, "resumed": resumed, "digest": digest}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     torch.distributed.destroy_process_group()
+    # Leave without running C++ static destructors: at interpreter exit after ZeRO-3, a native thread
+    # is sometimes destroyed while joinable ("terminate called without an active exception", SIGABRT;
+    # 3 of 13 local runs, once in CI), after the results above were written.
+    os._exit(0)
 
 
-def run_two_ranks(tmp_path, stage: int) -> list[dict]:
+def run_two_ranks(tmp_path, stage: int, backend: str) -> list[dict]:
     mp.start_processes(
-        _worker, args=(free_port(), stage, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+        _worker, args=(free_port(), stage, backend, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_gloo_ranks_partition_and_resume_exactly(tmp_path, stage):
-    results = run_two_ranks(tmp_path, stage)
+@pytest.mark.parametrize(("backend", "stage"), [("deepspeed", 2), ("deepspeed", 3), ("ddp", 0)])
+def test_two_gloo_ranks_partition_and_resume_exactly(tmp_path, backend, stage):
+    results = run_two_ranks(tmp_path, stage, backend)
     total = results[0]["total"]
+    if stage != 3:  # gradients are averaged: both ranks hold the same full weights after each step
+        assert results[0]["digest"] == results[1]["digest"]
     if stage == 3:
         for r in results:  # each rank holds about half of the elements (ZeRO-3 pads the last partition)
             assert 0.45 < r["local"] / total < 0.55, r

@@ -294,7 +294,7 @@ def _engine_worker(rank: int, port: int, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     from nuance.trainers.config import EngineConfig, OptimConfig
     from nuance.trainers.diffusion import build_objective
-    from nuance.trainers.loops.lora import AdapterEngine
+    from nuance.trainers.engine import AdapterEngine
 
     def make():
         backbone = tiny_backbone("pixart_debug", channels=3)

@@ -311,6 +311,20 @@ def test_open_url_survives_server_restart(tmp_path, monkeypatch):
         assert first + reader.read() == data
 
 
+def test_server_ports_avoid_the_kernels_ephemeral_range(tmp_path, monkeypatch):
+    """An outgoing connection can take an ephemeral port while weed restarts; ours never come from there."""
+    from nuance.data import s3server
+
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("32768\t60999\n")
+    monkeypatch.setattr(s3server, "_EPHEMERAL_RANGE_FILE", ranges)
+    for _ in range(20):
+        ports = s3server.pick_ports()
+        assert len(set(ports.values())) == 2 * len(s3server.COMPONENTS)
+        assert all(20000 <= p < 32768 for p in ports.values()), ports
+        assert all(ports[f"{c}.port.grpc"] == ports[f"{c}.port"] + 10000 for c in s3server.COMPONENTS)
+
+
 def test_cli_serve_prints_env_and_stops_on_ctrl_c(tmp_path, nuance_cli):
     from nuance.data.s3server import pick_ports
 

@@ -173,16 +173,30 @@ def small_recipe(tmp_path, toy_cache, name: str, *overrides: str):
     return recipe
 
 
-def test_resume_reproduces_uninterrupted_loss(tmp_path, toy_cache, ray_cluster):
+@pytest.mark.parametrize("backend", ["deepspeed", "ddp"])
+def test_resume_reproduces_uninterrupted_loss(tmp_path, toy_cache, ray_cluster, backend):
     from nuance.orchestration.launch import train
 
-    straight = small_recipe(tmp_path, toy_cache, "straight", "train.max_steps=6", "train.ckpt_every=3")
+    engine = f"engine.backend={backend}"
+    straight = small_recipe(
+        tmp_path, toy_cache, "straight", "train.max_steps=6", "train.ckpt_every=3", engine
+    )
     assert train(straight).error is None
     # The interrupted run stops at step 3 on the same LR schedule (decay_steps), then resubmits.
-    first = small_recipe(tmp_path, toy_cache, "interrupted", "train.max_steps=3", "optim.decay_steps=6")
+    resumed = ("optim.decay_steps=6", engine)
+    first = small_recipe(tmp_path, toy_cache, "interrupted", "train.max_steps=3", *resumed)
     assert train(first).error is None
-    second = small_recipe(tmp_path, toy_cache, "interrupted", "train.max_steps=6", "optim.decay_steps=6")
+    second = small_recipe(tmp_path, toy_cache, "interrupted", "train.max_steps=6", *resumed)
     assert train(second).error is None
+    ckpt = tmp_path / "interrupted" / "step_00000006"
+    assert json.loads((ckpt / "meta.json").read_text())["engine"] == backend
+    if backend == "ddp":  # the torch engine's checkpoint exports like DeepSpeed's
+        from diffusers import DiTTransformer2DModel
+
+        from nuance.trainers.inference import export_diffusers
+
+        exported = export_diffusers(ckpt, tmp_path / "export") / "transformer"
+        assert DiTTransformer2DModel.from_pretrained(exported).config.num_layers == 2
     a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "interrupted")
     assert [a[s]["loss"] for s in (4, 5, 6)] == [b[s]["loss"] for s in (4, 5, 6)]
     assert len({a[s]["loss"] for s in (1, 2, 3, 4, 5, 6)}) == 6  # the losses do change step to step

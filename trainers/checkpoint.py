@@ -3,11 +3,12 @@
 Each rank writes its own files into its own directory; Ray Train merges the ranks' directories
 into one checkpoint on the storage path:
 
-    deepspeed/          DeepSpeed model / optimizer / scheduler shards (tag 'state')
+    deepspeed/          the engine's model / optimizer / scheduler state (tag 'state'): DeepSpeed's
+                        shards, or trainers.torch_engine's files (meta.json says which engine)
     ema/rank00000.pt    EMA (one file; one per rank under ZeRO-3)
     rng/rank00000.pt    torch / numpy / python RNG states of that rank
     data/rank00000.json stream position of that rank
-    meta.json           step, world size, ZeRO stage, W&B run id (rank 0)
+    meta.json           step, world size, ZeRO stage, engine, W&B run id (rank 0)
     recipe.yaml         the resolved recipe (rank 0)
 """
 
@@ -121,7 +122,7 @@ def model_state_dict(directory: str | Path, use_ema: bool = True) -> dict[str, t
     directory = Path(directory)
     meta = read_meta(directory)
     ds_dir = directory / "deepspeed"
-    if meta["zero_stage"] == 3:
+    if meta["zero_stage"] == 3 and meta.get("engine", "deepspeed") == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")

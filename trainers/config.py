@@ -46,6 +46,15 @@ class Precision(StrEnum):
     fp16 = "fp16"
 
 
+class EngineBackend(StrEnum):
+    """Which engine trains the module: DeepSpeed ZeRO, or torch data parallel (DDP) without ZeRO's
+    per-parameter machinery; `auto` picks ddp where sharding buys nothing (see trainers.engine)."""
+
+    auto = "auto"
+    deepspeed = "deepspeed"
+    ddp = "ddp"
+
+
 class LRDecay(StrEnum):
     constant = "constant"
     linear = "linear"
@@ -176,9 +185,13 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
+    backend: EngineBackend = EngineBackend.auto
+    """auto | deepspeed | ddp. auto: ddp on GPUs when ZeRO would shard nothing (one worker, or
+    zero_stage 0, and no offload), else deepspeed. CPU runs default to deepspeed."""
     zero_stage: int = 2
     precision: Precision = Precision.fp32
-    """fp32 | bf16 | fp16 (DeepSpeed mixed precision; the module itself is cast)."""
+    """fp32 | bf16 | fp16. deepspeed: the module itself is cast (fp32 master weights in the optimizer);
+    ddp: fp32 weights, the forward under torch.autocast."""
     grad_accum: int = 1
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -202,6 +215,11 @@ class EngineConfig:
             not self.offload_optimizer or self.zero_stage >= 1,
             "offload_optimizer",
             "needs engine.zero_stage >= 1",
+        )
+        check(
+            self.backend != EngineBackend.ddp or not (self.offload_optimizer or self.offload_params),
+            "backend",
+            "is 'ddp', which offloads nothing: use engine.backend=deepspeed for offload",
         )
 
 

@@ -1,9 +1,10 @@
-"""The DeepSpeed engine, built in one place from the recipe's `engine` and `optim` slices.
+"""Training engines, built in one place from the recipe's `engine` and `optim` slices.
 
-`deepspeed_config()` derives the whole DeepSpeed JSON from the recipe (never written by hand), and
-`TrainEngine` hides which DeepSpeed engine runs underneath: the loops only call `train_step`,
-`save` and `load`. A pipeline-parallel engine (DeepSpeed `PipelineModule` + `train_batch`, ZeRO 0/1
-only) slots in as a second implementation of the same three methods.
+`build_engine` picks the implementation (`resolve_backend`): `TrainEngine`, DeepSpeed ZeRO 0-3, whose
+whole JSON config `deepspeed_config()` derives from the recipe (never written by hand); or
+`trainers.torch_engine.TorchEngine`, plain data parallel, where ZeRO would shard nothing. The loops
+only call `train_step`, `save` and `load` and read `model` (what the loss calls), `inference_model`
+(what samplers call) and `module` (the weights).
 """
 
 from __future__ import annotations
@@ -16,7 +17,40 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nuance.trainers.config import EngineConfig, OptimConfig
+from nuance.trainers.config import EngineBackend, EngineConfig, OptimConfig
+
+
+def resolve_backend(engine: EngineConfig, *, world_size: int, cuda: bool) -> EngineBackend:
+    """`engine.backend`, with `auto` resolved: ddp on GPUs when ZeRO would shard nothing (one worker, or
+    ZeRO stage 0) and nothing is offloaded; deepspeed otherwise, and on CPUs."""
+    if engine.backend != EngineBackend.auto:
+        return engine.backend
+    offload = engine.offload_optimizer or engine.offload_params
+    if cuda and not offload and (world_size == 1 or engine.zero_stage == 0):
+        return EngineBackend.ddp
+    return EngineBackend.deepspeed
+
+
+def build_engine(
+    module: nn.Module,
+    engine: EngineConfig,
+    optim: OptimConfig,
+    *,
+    micro_batch: int,
+    world_size: int,
+    total_steps: int,
+    trainable_only: bool = False,
+):
+    """The engine for `module` (already on its device). `trainable_only`: checkpoints hold only the
+    `requires_grad` parameters (LoRA adapters; the frozen base is rebuilt from `model.pretrained`)."""
+    cuda = next(module.parameters()).device.type == "cuda"
+    sizes = {"micro_batch": micro_batch, "world_size": world_size, "total_steps": total_steps}
+    if resolve_backend(engine, world_size=world_size, cuda=cuda) == EngineBackend.ddp:
+        from nuance.trainers.torch_engine import TorchEngine
+
+        return TorchEngine(module, engine, optim, trainable_only=trainable_only, **sizes)
+    cls = AdapterEngine if trainable_only else TrainEngine
+    return cls(module, engine, optim, **sizes)
 
 
 def ensure_deepspeed_accelerator() -> None:
@@ -85,6 +119,8 @@ class StepStats:
 class TrainEngine:
     """A DeepSpeed data-parallel (ZeRO 0-3) engine around one module."""
 
+    backend = "deepspeed"
+
     def __init__(
         self,
         model: nn.Module,
@@ -129,6 +165,13 @@ class TrainEngine:
         return self.ds.module
 
     @property
+    def model(self):
+        """What loss functions and samplers call: the DeepSpeed engine (it gathers ZeRO-3 weights)."""
+        return self.ds
+
+    inference_model = model
+
+    @property
     def device(self) -> torch.device:
         return self.ds.device
 
@@ -167,3 +210,35 @@ class TrainEngine:
             total += full
             local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
         return local, total
+
+
+class AdapterEngine(TrainEngine):
+    """A TrainEngine whose checkpoints hold the trainable parameters (LoRA adapters), their optimizer
+    state and the LR schedule, not the frozen base (GBs for SDXL, and 4-bit NF4 state under QLoRA): the
+    loop rebuilds the base from `model.pretrained` deterministically before loading."""
+
+    def save(self, directory: str, client_state: dict | None = None) -> None:
+        self.ds.save_checkpoint(
+            directory, tag="state", client_state=client_state or {}, exclude_frozen_parameters=True
+        )
+
+    def load(self, directory: str) -> dict:
+        # The saved module state has no base weights: load the trainable ones only, and insist on all.
+        _, client_state = self.ds.load_checkpoint(
+            directory, tag="state", custom_load_fn=lambda src, dst: load_trainable(dst, src)
+        )
+        if client_state is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
+        return client_state
+
+
+def load_trainable(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy the `requires_grad` parameters from a state dict in the module's own naming; every one of
+    them must be there."""
+    own = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"{len(missing)} trainable weights missing from the checkpoint, e.g. {missing[:2]}")
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(state[name])

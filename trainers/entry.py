@@ -34,6 +34,19 @@ def _loop(kind: str):
     return importlib.import_module(f"nuance.trainers.loops.{module}").run
 
 
+OOM_PREFIX = "out of GPU memory"
+
+
+def out_of_memory_hint(recipe: RunConfig) -> str:
+    """One line for a CUDA out-of-memory error: what ran out, and the three knobs that fix it."""
+    return (
+        f"{OOM_PREFIX} at data.batch_size={recipe.data.batch_size} per GPU (model.name={recipe.model.name}, "
+        f"engine.precision={recipe.engine.precision}): lower data.batch_size (engine.grad_accum keeps the "
+        f"global batch), set model.gradient_checkpointing=true, or shard with engine.backend=deepspeed "
+        f"engine.zero_stage=3 over several GPUs"
+    )
+
+
 def train_func(config: dict) -> None:
     ensure_deepspeed_accelerator()
     import ray.train
@@ -86,6 +99,8 @@ def train_func(config: dict) -> None:
         )
     try:
         _loop(recipe.kind)(recipe, ctx)
+    except torch.OutOfMemoryError as err:
+        raise RuntimeError(out_of_memory_hint(recipe)) from err
     finally:
         if local_copy:
             shutil.rmtree(local_copy, ignore_errors=True)

@@ -283,13 +283,9 @@ def save_lora(backbone: Backbone, path: str | Path, info: dict | None = None) ->
 def load_adapter_weights(backbone: Backbone, state: dict[str, torch.Tensor]) -> None:
     """Copy adapter weights from a state dict in the backbone's own naming (a checkpoint's module
     state or EMA, `net.<module>.lora_A.default.weight`); every adapter weight must be there."""
-    own = {n: p for n, p in backbone.named_parameters() if p.requires_grad}
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise ValueError(f"{len(missing)} adapter weights missing from the checkpoint, e.g. {missing[:2]}")
-    with torch.no_grad():
-        for name, p in own.items():
-            p.copy_(state[name])
+    from nuance.trainers.engine import load_trainable
+
+    load_trainable(backbone, state)
 
 
 def _replace(net: nn.Module, name: str, module: nn.Module) -> None:

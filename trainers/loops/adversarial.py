@@ -97,7 +97,7 @@ def run(recipe: RunConfig, ctx: RunContext) -> dict:
     h.sample_steps = dc.student_steps
 
     # The generator pass on the plain modules (Harness.count_flops, rank 0); its transitions are dropped.
-    h.count_flops(lambda batch: losses.generator(comps.backbone, disc, h.to_x0(batch), h.cond(batch)))
+    h.count_flops(lambda x0, cond: losses.generator(comps.backbone, disc, x0, cond))
     losses.pending.clear()
     engine = h.engine(comps.backbone)
     disc_engine = h.engine(disc, optim=replace(recipe.optim, lr=dc.disc_lr))

@@ -19,7 +19,7 @@ from nuance.trainers.components import Components
 from nuance.trainers.config import OptimConfig, RunConfig, config_to_dict, config_to_yaml
 from nuance.trainers.context import RunContext, reseed_for_rank
 from nuance.trainers.ema import EMA
-from nuance.trainers.engine import StepStats, TrainEngine, global_batch_size
+from nuance.trainers.engine import StepStats, TrainEngine, build_engine, global_batch_size
 from nuance.trainers.quality import Evaluator
 from nuance.trainers.sampling import generate, save_grid
 from nuance.trainers.tracking import Tracker, peak_flops, train_flops_per_sample, zero_grads
@@ -43,6 +43,7 @@ class Harness:
         self._batches = None
         self._window = (time.perf_counter(), 0.0, 0)  # (start, data wait, steps)
         self._quality: Evaluator | None | bool = None  # False: the data cannot be evaluated
+        self.backend = "deepspeed"  # of the engine last built (checkpoint meta)
 
     # -- inputs -----------------------------------------------------------------------------------
     def to_x0(self, batch: dict) -> torch.Tensor:
@@ -60,47 +61,37 @@ class Harness:
         p = self.recipe.objective.cond_dropout if dropout is None else dropout
         return {k: v.to(self.ctx.device) for k, v in self.comps.conditioner.training(batch, p).items()}
 
-    def count_flops(self, loss_of_batch) -> None:
-        """FLOPs per image of one forward+backward (rank 0, on the plain modules, before DeepSpeed)."""
+    def count_flops(self, loss_of) -> None:
+        """FLOPs per image of one training step's forward+backward: `loss_of(x0, cond)` counted once on
+        two synthetic examples (rank 0, plain modules, before the engine exists), so no data is read and
+        the memory stays that of a tiny batch. The counted RNG draws are undone."""
         if self.ctx.rank != 0:
             return
-        example = next(
-            iter(
-                build_stream(
-                    self.recipe.data,
-                    rank=0,
-                    world_size=1,
-                    seed=self.recipe.train.seed,
-                    num_workers=0,
-                    latent_shape=self.latent_shape,
-                )
-            )
-        )
-        rng = torch.get_rng_state()
-        self.flops_per_image = train_flops_per_sample(
-            lambda: loss_of_batch(example), self.recipe.data.batch_size
-        )
-        torch.set_rng_state(rng)
+        examples = 2
+        with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
+            x0 = torch.randn(examples, *self.comps.latent_shape, device=self.ctx.device)
+            cond = {k: v.to(self.ctx.device) for k, v in self.comps.conditioner.null(examples).items()}
+            self.flops_per_image = train_flops_per_sample(lambda: loss_of(x0, cond), examples)
         zero_grads(self.comps.backbone)
 
     # -- engines and state --------------------------------------------------------------------------
     def engine(
-        self,
-        module: torch.nn.Module,
-        *,
-        engine_cls: type[TrainEngine] = TrainEngine,
-        optim: OptimConfig | None = None,
+        self, module: torch.nn.Module, *, optim: OptimConfig | None = None, trainable_only: bool = False
     ) -> TrainEngine:
-        """A DeepSpeed engine for `module` from the recipe (`optim` overrides the optimizer slice)."""
+        """The recipe's engine for `module` (`optim` overrides the optimizer slice; `trainable_only`:
+        checkpoints hold the trainable parameters only, as for LoRA)."""
         recipe = self.recipe
-        return engine_cls(
+        engine = build_engine(
             module,
             recipe.engine,
             optim or recipe.optim,
             micro_batch=recipe.data.batch_size,
             world_size=self.ctx.world_size,
             total_steps=recipe.optim.decay_steps or recipe.train.max_steps,
+            trainable_only=trainable_only,
         )
+        self.backend = engine.backend
+        return engine
 
     def start(self, engine: TrainEngine, extra_engines: dict | None = None) -> tuple[EMA | None, int]:
         """EMA of the engine's module, per-rank noise seed, then resume: returns (ema, step reached)."""
@@ -149,6 +140,7 @@ class Harness:
             "step": step,
             "world_size": self.ctx.world_size,
             "zero_stage": self.recipe.engine.zero_stage,
+            "engine": self.backend,
             "run_id": self.ctx.run_id,
             "kind": self.recipe.kind,
         }
@@ -217,6 +209,8 @@ class Harness:
             "data_wait_frac": waited / elapsed,
             **extra,
         }
+        if self.ctx.device.type == "cuda":  # the caching allocator's counter: no device sync
+            last["gpu/peak_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         peak = peak_flops(recipe.tracking)
         if self.flops_per_image and peak:
             last["mfu"] = self.flops_per_image * img_s / (peak * self.ctx.world_size)
@@ -235,7 +229,7 @@ class Harness:
         """A sample grid from the (EMA) model, and the quality metrics when sample.eval_per_condition > 0;
         under ZeRO-3 every rank holds a slice, so all take part."""
         recipe, ctx = self.recipe, self.ctx
-        if ctx.rank != 0 and recipe.engine.zero_stage != 3:
+        if ctx.rank != 0 and not (self.backend == "deepspeed" and recipe.engine.zero_stage == 3):
             return
         smp = recipe.sample
         images, titles = self._generate(engine, ema, smp.prompts, smp.classes, smp.num_per_condition, steps)
@@ -260,7 +254,7 @@ class Harness:
         try:
             with ema.swapped_in() if ema is not None else contextlib.nullcontext():
                 return generate(
-                    engine.ds,
+                    engine.inference_model,
                     comps.objective,
                     comps.conditioner,
                     comps.autoencoder,

@@ -1,7 +1,7 @@
 """LoRA / QLoRA fine-tuning of `model.pretrained`: the pretraining step on a frozen base with trainable
 low-rank adapters (Hu et al. 2021), optionally over a 4-bit NF4 base (Dettmers et al. 2023).
 
-Only the adapters reach DeepSpeed's optimizer (TrainEngine hands it the `requires_grad` parameters),
+Only the adapters reach the optimizer (the engines hand it the `requires_grad` parameters),
 and only they are checkpointed: the frozen base is `model.pretrained`, fingerprinted in each
 checkpoint's `lora/` folder, which also holds the adapters as stock diffusers / peft load them.
 """
@@ -16,7 +16,6 @@ from nuance.trainers.components import build_components
 from nuance.trainers.config import RunConfig
 from nuance.trainers.context import RunContext, seed_everything
 from nuance.trainers.ema import EMA
-from nuance.trainers.engine import TrainEngine
 from nuance.trainers.loops.harness import Harness
 from nuance.trainers.lora import (
     apply_lora,
@@ -24,29 +23,8 @@ from nuance.trainers.lora import (
     check_base,
     check_quantized_base,
     compute_dtype,
-    load_adapter_weights,
     save_lora,
 )
-
-
-class AdapterEngine(TrainEngine):
-    """A TrainEngine whose checkpoints hold the adapters, their optimizer state and the LR schedule,
-    not the frozen base (GBs for SDXL, and 4-bit NF4 state under QLoRA): the loop rebuilds the base
-    from `model.pretrained` deterministically before loading."""
-
-    def save(self, directory: str, client_state: dict | None = None) -> None:
-        self.ds.save_checkpoint(
-            directory, tag="state", client_state=client_state or {}, exclude_frozen_parameters=True
-        )
-
-    def load(self, directory: str) -> dict:
-        # The saved module state has no base weights: load the adapters only, and insist on all of them.
-        _, client_state = self.ds.load_checkpoint(
-            directory, tag="state", custom_load_fn=lambda src, dst: load_adapter_weights(dst, src)
-        )
-        if client_state is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
-        return client_state
 
 
 def _reporting_adapters(ctx: RunContext, recipe: RunConfig, backbone, ema_of) -> RunContext:
@@ -93,8 +71,8 @@ def run(recipe: RunConfig, ctx: RunContext) -> dict:
     def loss_fn(model, batch):
         return comps.objective.loss(model, h.to_x0(batch), h.cond(batch))
 
-    h.count_flops(lambda batch: loss_fn(comps.backbone, batch))
-    engine = h.engine(comps.backbone, engine_cls=AdapterEngine)
+    h.count_flops(lambda x0, cond: comps.objective.loss(comps.backbone, x0, cond))
+    engine = h.engine(comps.backbone, trainable_only=True)
     if recipe.lora.quantize_base:
         check_quantized_base(engine.module, dtype)
     ema, step = h.start(engine)

@@ -21,7 +21,7 @@ def run(recipe: RunConfig, ctx: RunContext) -> dict:
     def loss_fn(model, batch):
         return comps.objective.loss(model, h.to_x0(batch), h.cond(batch))
 
-    h.count_flops(lambda batch: loss_fn(comps.backbone, batch))
+    h.count_flops(lambda x0, cond: comps.objective.loss(comps.backbone, x0, cond))
     engine = h.engine(comps.backbone)
     ema, step = h.start(engine)
     return h.train_loop(engine, ema, step, loss_fn)

@@ -39,14 +39,16 @@ def run(recipe: RunConfig, ctx: RunContext) -> dict:
 
     h = distill.DistillHarness(recipe, ctx, comps)
 
-    def loss_fn(model, batch):
+    def loss_of(model, x0, cond):
         """Algorithm 2 on one minibatch: z_t, two teacher DDIM steps to z_s'', the target x_tilde, and the
         w(lambda)-weighted x0-space MSE of the student's prediction (converted from its v / x0 output)."""
-        x0, cond = h.to_x0(batch), h.cond(batch)
         tr = distill.student_transition(model, teacher, objective, x0, cond, round_grids(teacher.round), n=2)
         return distill.transition_loss(tr, dc.weighting)
 
-    h.count_flops(lambda batch: loss_fn(comps.backbone, batch))
+    def loss_fn(model, batch):
+        return loss_of(model, h.to_x0(batch), h.cond(batch))
+
+    h.count_flops(lambda x0, cond: loss_of(comps.backbone, x0, cond))
     engine = h.engine(comps.backbone)
     extra = {"teacher": teacher}  # checkpointed / resumed with the run (trainers.distill.Teacher.save/load)
     ema, step = h.start(engine, extra)

@@ -1,0 +1,339 @@
+"""The full training stack against the plain loops, side by side in one call: one artifact.
+
+Rows (`config`), each for `--model` at `--batch` per GPU on 256-token latents (4 x 32 x 32, DiT-XL/2 at
+256 px), bf16, one GPU:
+
+  diffusers_anchor  a plain 40-line loop over diffusers' DiTTransformer2DModel: torch.compile,
+                    autocast bf16, fused AdamW, eps-prediction MSE on random latents; what a user writes
+  plain_compile     the same loop over nuance's Backbone and objective (+ grad clipping)
+  nuance_step       nuance's engine step (trainers.engine.build_engine: TorchEngine, compile) + EMA
+                    update, on random latents: the product's step without Ray, data and logging
+  nuance_train      `nuance train recipes/dit_xl2_256.yaml` through the CLI: Ray Train (NCCL), latent
+                    shards streamed from a local SeaweedFS s3:// bucket, EMA 0.9999, checkpoint cadence
+                    and logging as shipped; img/s, MFU, data wait and peak memory read from the run's
+                    metrics.jsonl (median of the log windows after warm-up), MFU also from its W&B run
+  loader            the same s3:// latent stream alone (no GPU work): the loader's headroom
+
+MFU = FLOPs per image (FlopCounterMode, forward + backward, counted once on 2 examples) x img/s / peak
+(989 TFLOP/s dense bf16 on H100 / H200 SXM, or --peak-tflops). Every GPU row runs in its own process.
+
+  python3 benchmarks/stack.py --model dit_xl2 --batch 128 --json $OUT/stack_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOP_CONFIGS = ("diffusers_anchor", "plain_compile", "nuance_step")
+LATENT = (4, 32, 32)
+NUM_CLASSES = 1000
+
+
+# ------------------------------------------------------------------------------------------ loop rows
+def _flops_per_image(model_name: str) -> float:
+    import torch
+
+    from nuance.trainers.config import ModelConfig
+    from nuance.trainers.diffusion import build_objective
+    from nuance.trainers.models.backbone import build_backbone
+    from nuance.trainers.tracking import train_flops_per_sample
+
+    net = build_backbone(ModelConfig(name=model_name, num_classes=NUM_CLASSES), in_channels=4, sample_size=32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = net.to(device)
+    x0 = torch.randn(2, *LATENT, device=device)
+    cond = {"class_labels": torch.randint(0, NUM_CLASSES, (2,), device=device)}
+    return train_flops_per_sample(lambda: build_objective("eps").loss(net, x0, cond), 2)
+
+
+def _anchor_step(batch: int):
+    """diffusers' DiT, compiled, autocast bf16, fused AdamW: the plain loop a user writes."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DiTTransformer2DModel
+
+    from nuance.trainers.models.presets import PRESETS
+
+    kw = {k: v for k, v in PRESETS["dit_xl2"].items() if k != "family"}
+    net = DiTTransformer2DModel(**kw, in_channels=4, out_channels=8, sample_size=32).cuda().train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(net)
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device="cuda"), 0)
+
+    def step(x0, labels):
+        t = torch.randint(0, 1000, (x0.shape[0],), device="cuda")
+        eps = torch.randn_like(x0)
+        ab = alpha_bar[t].view(-1, 1, 1, 1)
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fwd(x_t, timestep=t, class_labels=labels).sample
+        F.mse_loss(out[:, :4].float(), eps).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _plain_step(batch: int):
+    import torch
+
+    from nuance.trainers.config import ModelConfig
+    from nuance.trainers.diffusion import build_objective
+    from nuance.trainers.models.backbone import build_backbone
+
+    net = build_backbone(ModelConfig(name="dit_xl2", num_classes=NUM_CLASSES), in_channels=4, sample_size=32)
+    net = net.cuda().train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+    fwd, objective = torch.compile(net), build_objective("eps")
+
+    def step(x0, labels):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = objective.loss(fwd, x0, {"class_labels": labels})
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _nuance_step(batch: int):
+    from nuance.trainers.config import EngineConfig, ModelConfig, OptimConfig
+    from nuance.trainers.diffusion import build_objective
+    from nuance.trainers.ema import EMA
+    from nuance.trainers.engine import build_engine
+    from nuance.trainers.models.backbone import build_backbone
+
+    net = build_backbone(ModelConfig(name="dit_xl2", num_classes=NUM_CLASSES), in_channels=4, sample_size=32)
+    engine = build_engine(
+        net.cuda(),
+        EngineConfig(precision="bf16", compile=True),
+        OptimConfig(),
+        micro_batch=batch,
+        world_size=1,
+        total_steps=10**6,
+    )
+    ema, objective = EMA(engine.module, 0.9999), build_objective("eps")
+
+    def loss_fn(model, b):
+        return objective.loss(model, b[0], {"class_labels": b[1]})
+
+    def step(x0, labels):
+        engine.train_step([(x0, labels)], loss_fn)
+        ema.update()
+
+    return step
+
+
+def run_loop(config: str, batch: int, warmup: int, steps: int) -> dict:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)
+    builders = {"diffusers_anchor": _anchor_step, "plain_compile": _plain_step, "nuance_step": _nuance_step}
+    step = builders[config](batch)
+    inputs = [
+        (torch.randn(batch, *LATENT, device="cuda"), torch.randint(0, NUM_CLASSES, (batch,), device="cuda"))
+        for _ in range(4)
+    ]
+    for i in range(warmup):
+        step(*inputs[i % 4])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    chunk, times = 10, []
+    for c in range(steps // chunk):
+        start = time.perf_counter()
+        for i in range(chunk):
+            step(*inputs[(c + i) % 4])
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / chunk)
+    return {"img_s": batch / statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+# ----------------------------------------------------------------------------------- the full stack
+def write_latent_shards(folder: Path, shards: int, per_shard: int) -> None:
+    """Random latents in the product's latent-shard format (mean + logvar float16, `cls` label)."""
+    import numpy as np
+    import webdataset as wds
+
+    from nuance.data.precompute import npy_bytes
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with wds.TarWriter(str(folder / f"lat-{s:06d}.tar"), mtime=0, encoder=False) as sink:
+            for i in range(per_shard):
+                sink.write({
+                    "__key__": f"{s:06d}-{i:06d}",
+                    "latent_mean.npy": npy_bytes(rng.standard_normal(LATENT).astype(np.float16)),
+                    "latent_logvar.npy": npy_bytes(np.full(LATENT, -6.0, np.float16)),
+                    "cls": str(int(rng.integers(NUM_CLASSES))).encode(),
+                })  # fmt: skip
+
+
+def tiny_vae(path: Path) -> Path:
+    """A random 4-channel AutoencoderKL with 8x downsampling (only sample grids would decode with it)."""
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=256,
+    ).save_pretrained(path)
+    return path
+
+
+def serve(shard_dir: Path, work: Path):
+    """A local SeaweedFS S3 server holding the shards; returns (server, s3 url pattern)."""
+    from nuance.data import storage
+    from nuance.data.s3server import SeaweedServer, random_credentials
+
+    access, secret = random_credentials()
+    server = SeaweedServer(work / "weed", access, secret, bucket="bench").start()
+    os.environ.update(server.env())
+    names = sorted(p.name for p in shard_dir.glob("*.tar"))
+    for name in names:
+        storage.put_file(str(shard_dir / name), f"s3://bench/latents/{name}")
+    return server, f"s3://bench/latents/lat-{{000000..{len(names) - 1:06d}}}.tar"
+
+
+def run_train(args, source: str, vae: Path, work: Path) -> dict:
+    overrides = [
+        "name=stack", f"cluster.storage_path={work / 'runs'}", f"vae={vae}", f"data.source={source}",
+        f"data.batch_size={args.batch}", "data.image_size=256", f"data.num_workers={args.loader_workers}",
+        f"train.max_steps={args.train_steps}", "train.log_every=20", "sample.every=0",
+        "cluster.num_workers=1", f"cluster.cpus_per_worker={args.loader_workers + 2}",
+        "engine.compile=true", "tracking.mode=offline", f"tracking.peak_tflops={args.peak_tflops}",
+        *args.extra,
+    ]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    env.pop("DS_ACCELERATOR", None)
+    cmd = [sys.executable, "-m", "nuance.orchestration.cli", "train", str(ROOT / "recipes/dit_xl2_256.yaml")]
+    proc = subprocess.run([*cmd, *overrides], env=env, capture_output=True, text=True, timeout=args.timeout)
+    (work / "train.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nuance train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    run_dir = work / "runs" / "stack"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "img_per_s" in r][args.skip_windows :]  # after compile and warm-up
+    return {
+        "img_s": statistics.median(r["img_per_s"] for r in rows),
+        # the MFU the run itself reports: Tracker.log sends each metrics.jsonl row to W&B unchanged
+        "mfu_logged": statistics.median(r["mfu"] for r in rows),
+        "data_wait_frac": statistics.median(r["data_wait_frac"] for r in rows),
+        "peak_gib": max(r.get("gpu/peak_gib", float("nan")) for r in rows),
+        "windows": len(rows),
+    }
+
+
+def run_loader(args, source: str) -> dict:
+    """The training stream alone, with the run's loader workers: how many images per second it can feed."""
+    from nuance.data.builder import build_stream
+    from nuance.data.config import DataConfig
+
+    cfg = DataConfig(source=source, image_size=256, batch_size=args.batch, num_workers=args.loader_workers)
+    batches = iter(build_stream(cfg, rank=0, world_size=1, seed=0, latent_shape=LATENT))
+    for _ in range(5):
+        next(batches)
+    start, n = time.perf_counter(), 40
+    for _ in range(n):
+        next(batches)
+    return {"img_s": n * args.batch / (time.perf_counter() - start)}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="dit_xl2", choices=["dit_xl2"])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=15)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--train-steps", type=int, default=200)
+    p.add_argument("--skip-windows", type=int, default=2)
+    p.add_argument("--loader-workers", type=int, default=8)
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--configs", default="diffusers_anchor,plain_compile,nuance_step,nuance_train,loader")
+    p.add_argument("--timeout", type=int, default=400)
+    p.add_argument("--json", required=True)
+    p.add_argument(
+        "--extra", nargs="*", default=[], help="more `nuance train` overrides (e.g. a CPU smoke run)"
+    )
+    p.add_argument("--append", action="store_true", help="add rows to the --json file's (one per config)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    if args.worker:
+        print(json.dumps(run_loop(args.worker, args.batch, args.warmup, args.steps)))
+        return
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    flops = _flops_per_image(args.model)
+    configs = args.configs.split(",")
+    results: list[dict] = []
+    if args.append and Path(args.json).is_file():  # a later call of the same session adds its rows
+        results = [r for r in json.loads(Path(args.json).read_text()) if r["config"] not in configs]
+
+    def add(config: str, measured: dict) -> None:
+        row = {"model": args.model, "config": config, "batch": args.batch, "device": device, **measured}
+        if "img_s" in row and config != "loader":
+            row["mfu"] = flops * row["img_s"] / (args.peak_tflops * 1e12)
+        row["gflop_per_img"] = flops / 1e9
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+    for config in [c for c in configs if c in LOOP_CONFIGS]:
+        cmd = [sys.executable, __file__, "--worker", config, "--json", "-", f"--batch={args.batch}",
+               f"--warmup={args.warmup}", f"--steps={args.steps}"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        if proc.returncode != 0:
+            add(config, {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"})
+            print(proc.stderr[-3000:], file=sys.stderr)
+            continue
+        add(config, json.loads(proc.stdout.strip().splitlines()[-1]))
+    if {"nuance_train", "loader"} & set(configs):
+        work = Path(tempfile.mkdtemp(prefix="nuance-stack-"))
+        write_latent_shards(work / "shards", shards=16, per_shard=max(256, args.batch * 4))
+        vae = tiny_vae(work / "vae")
+        server, source = serve(work / "shards", work)
+        try:
+            if "loader" in configs:
+                add("loader", run_loader(args, source))
+            if "nuance_train" in configs:
+                try:
+                    add("nuance_train", run_train(args, source, vae, work))
+                except (RuntimeError, subprocess.TimeoutExpired) as err:
+                    add("nuance_train", {"error": str(err)[-2000:]})
+        finally:
+            server.stop()
+    print(table(results))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["config            img/s    MFU   peak GiB  note"]
+    for r in rows:
+        note = r.get("error", "")[:60]
+        if "data_wait_frac" in r:
+            note = f"data wait {r['data_wait_frac']:.1%}"
+        lines.append(
+            f"{r['config']:<16} {r.get('img_s', float('nan')):7.1f} {r.get('mfu', float('nan')):6.1%} "
+            f"{r.get('peak_gib', float('nan')):9.1f}  {note}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
