@@ -156,7 +156,21 @@ def run_loop(config: str, batch: int, warmup: int, steps: int) -> dict:
             step(*inputs[(c + i) % 4])
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) / chunk)
-    return {"img_s": batch / statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    result = {
+        "img_s": batch / statistics.median(times),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+    profile_dir = os.environ.get("STACK_PROFILE_DIR")
+    if profile_dir:  # where one step's time goes: a torch.profiler table of 3 steps per config
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(3):
+                step(*inputs[i % 4])
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+        Path(profile_dir, f"profile_{config}.txt").write_text(table)
+    return result
 
 
 # ----------------------------------------------------------------------------------- the full stack
