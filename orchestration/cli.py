@@ -34,25 +34,41 @@ def cmd_recipe_show(ns: argparse.Namespace) -> int:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from nuance.orchestration.launch import run_dir_for, train
-    from nuance.trainers.entry import OOM_PREFIX
 
     name, overrides = _split_recipe_args(ns.args)
     recipe, path = load_recipe(name, overrides)
     preflight(recipe, str(path))
     run_dir = run_dir_for(recipe)
     print(f"[nuance] recipe {path} -> run '{recipe.name}' in {run_dir}", flush=True)
-    result = train(recipe)
+    try:
+        result = train(recipe)
+    except (RecipeError, ValueError, FileNotFoundError):
+        raise  # the driver's own checks: main() prints them as one line
+    except Exception as err:  # Ray Train raises TrainingFailedError when the workers fail
+        return _training_failed(err)
     if result.error is not None:
-        print(f"[nuance] run failed: {result.error}", file=sys.stderr)
-        hints = [line for line in str(result.error).splitlines() if OOM_PREFIX in line]
-        if hints:  # the worker's one-line hint, last, below Ray's traceback
-            print(f"nuance: error: {hints[-1][hints[-1].index(OOM_PREFIX) :]}", file=sys.stderr)
-        return 1
+        return _training_failed(result.error)
     print(f"[nuance] done: {dict(result.metrics or {})}")
     if result.checkpoint is not None:
         print(f"[nuance] latest checkpoint: {result.checkpoint.path}")
     print(f"[nuance] samples: {run_dir / 'samples'}  metrics: {run_dir / 'metrics.jsonl'}")
     return 0
+
+
+def _training_failed(error: BaseException) -> int:
+    """The workers' error in full, then one line last: the worker's hint when it gave one (CUDA out of
+    memory), else the error's first line."""
+    import ray
+
+    from nuance.trainers.entry import OOM_PREFIX
+
+    print(f"[nuance] run failed: {error}", file=sys.stderr, flush=True)
+    ray.shutdown()  # stops the streaming of worker logs, so that the summary below stays the last line
+    text = str(error)
+    hints = [line[line.index(OOM_PREFIX) :] for line in text.splitlines() if OOM_PREFIX in line]
+    summary = hints[-1] if hints else f"training failed: {(text.strip().splitlines() or ['?'])[0]}"
+    print(f"nuance: error: {summary}", file=sys.stderr, flush=True)
+    return 1
 
 
 def cmd_sample(ns: argparse.Namespace) -> int:

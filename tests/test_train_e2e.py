@@ -7,6 +7,7 @@ in-process Ray cluster (started once for this module, shut down by `ray.shutdown
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -241,3 +242,20 @@ def test_zero3_latent_unet_checkpoint_exports_to_diffusers(tmp_path, toy_cache, 
     raw = load_checkpoint_model(ckpt, use_ema=False)[1].backbone.state_dict()
     ema = comps.backbone.state_dict()
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # EMA weights differ from the raw ones
+
+
+def test_out_of_memory_ends_the_cli_with_a_one_line_hint(tmp_path, toy_cache, nuance_cli):
+    """A CUDA OOM in a worker (injected after step 1: CPU CI has no GPU; tests/gpu makes a real one):
+    `nuance train` exits 1 and its last line says which knobs fix it."""
+    env = {**os.environ, "NUANCE_FAULT": f"oom:1:0:{tmp_path / 'fired'}"}
+    proc = subprocess.run(
+        [*nuance_cli, "train", "quickstart", "name=oom", f"cluster.storage_path={tmp_path}",
+         f"data.cache_dir={toy_cache}", "model.name=dit_debug", "model.num_classes=12", "sample.classes=[0]",
+         "cluster.num_workers=1", "train.max_steps=3", "sample.every=0", "tracking.mode=disabled"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("nuance: error: out of GPU memory at data.batch_size=16 per GPU"), last
+    assert "model.gradient_checkpointing=true" in last and "engine.zero_stage=3" in last
+    assert (tmp_path / "fired").is_file()

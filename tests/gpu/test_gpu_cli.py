@@ -123,11 +123,11 @@ def test_progressive_distillation_run(tmp_path):
 
 @pytest.mark.skipif(not ON_GPU, reason="the CUDA out-of-memory hint needs a GPU")
 def test_out_of_memory_ends_with_a_one_line_hint(tmp_path):
-    run = [*common(tmp_path, "oom"), "model.name=dit_xl2", "model.num_classes=1000", "data.image_size=64",
-           "data.batch_size=4096", "train.max_steps=2", "sample.every=0",
+    run = [*common(tmp_path, "oom"), "model.name=dit_xl2", "model.num_classes=1000", "data.image_size=128",
+           "data.batch_size=1024", "train.max_steps=2", "sample.every=0",
            "cluster.max_failures=0"]  # fmt: skip
     proc = cli("train", "quickstart", *run, check=False)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("nuance: error: out of GPU memory at data.batch_size=4096"), last
+    assert last.startswith("nuance: error: out of GPU memory at data.batch_size=1024"), last
     assert "model.gradient_checkpointing=true" in last and "zero_stage=3" in last

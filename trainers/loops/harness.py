@@ -14,7 +14,7 @@ import time
 import torch
 
 from nuance.data.builder import build_stream
-from nuance.trainers import checkpoint
+from nuance.trainers import checkpoint, faults
 from nuance.trainers.components import Components
 from nuance.trainers.config import OptimConfig, RunConfig, config_to_dict, config_to_yaml
 from nuance.trainers.context import RunContext, reseed_for_rank
@@ -174,6 +174,7 @@ class Harness:
         """Bookkeeping after optimizer step `step`: key audit, metrics, sample grid, checkpoint.
         `extra_metrics` is a callable giving more metrics (read only on log steps: it may sync)."""
         recipe = self.recipe
+        faults.maybe_out_of_memory(step, self.ctx.rank)  # tests only: NUANCE_FAULT=oom:...
         start, waited, steps = self._window
         self._window = (start, waited, steps + 1)
         if self.key_log is not None:
