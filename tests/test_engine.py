@@ -53,6 +53,17 @@ def test_backend_auto_picks_ddp_only_where_zero_shards_nothing():
         EngineConfig(backend="ddp", zero_stage=2, offload_optimizer=True)
 
 
+def test_resume_with_the_other_engine_names_the_key(tmp_path):
+    from types import SimpleNamespace
+
+    from nuance.trainers import checkpoint
+
+    meta = {"format": checkpoint.FORMAT, "step": 3, "world_size": 1, "zero_stage": 2, "engine": "deepspeed"}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="written by the deepspeed engine .* set engine.backend=deepspeed"):
+        checkpoint.load(tmp_path, engine=SimpleNamespace(backend="ddp"), ema=None, rank=0, world_size=1)
+
+
 def test_lr_schedule_warmup_then_decay():
     optim = OptimConfig(warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
     assert lr_multiplier(0, optim, 110) == pytest.approx(0.1)

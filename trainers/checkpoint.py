@@ -101,6 +101,12 @@ def load(
             f"checkpoint {directory} was written by {meta['world_size']} workers; this run has "
             f"{world_size}: set cluster.num_workers={meta['world_size']} to resume it"
         )
+    written_by = meta.get("engine", "deepspeed")
+    if written_by != engine.backend:
+        raise ValueError(
+            f"checkpoint {directory} was written by the {written_by} engine and this run uses "
+            f"{engine.backend}: set engine.backend={written_by} to resume it"
+        )
     engine.load(str(directory / "deepspeed"))
     for name, other in (extra_engines or {}).items():
         other.load(str(directory / f"deepspeed_{name}"))
