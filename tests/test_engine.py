@@ -80,7 +80,7 @@ def _batch(rank: int, step: int):
     return torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
 
 
-def _make_engine(stage: int, backend: str):
+def _make_engine(stage: int, backend: str, offload: bool = False):
     from nuance.trainers.config import ModelConfig
     from nuance.trainers.engine import build_engine
     from nuance.trainers.models.backbone import build_backbone
@@ -89,7 +89,7 @@ def _make_engine(stage: int, backend: str):
     model = build_backbone(ModelConfig(name="dit_debug", num_classes=4), in_channels=3, sample_size=8)
     return build_engine(
         model,
-        EngineConfig(zero_stage=stage, backend=backend),
+        EngineConfig(zero_stage=stage, backend=backend, offload_optimizer=offload, offload_params=offload),
         OptimConfig(lr=1e-3, warmup_steps=2, decay="linear"),
         micro_batch=4,
         world_size=2,
@@ -116,7 +116,7 @@ def _weights_digest(engine) -> float:
     return float(sum(p.double().sum() for p in engine.module.parameters() if not hasattr(p, "ds_id")))
 
 
-def _worker(rank: int, port: int, stage: int, backend: str, out_dir: str) -> None:
+def _worker(rank: int, port: int, stage: int, backend: str, offload: bool, out_dir: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -128,7 +128,7 @@ def _worker(rank: int, port: int, stage: int, backend: str, out_dir: str) -> Non
     )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    engine = _make_engine(stage, backend)
+    engine = _make_engine(stage, backend, offload)
     assert engine.backend == backend
     local, total = engine.local_param_numel()
     straight = _steps(engine, rank, range(0, 2))
@@ -137,7 +137,9 @@ def _worker(rank: int, port: int, stage: int, backend: str, out_dir: str) -> Non
     torch.distributed.barrier()
 
     digest = _weights_digest(engine)
-    resumed_engine = _make_engine(stage, backend)  # fresh weights and optimizer, then load step-2 state
+    resumed_engine = _make_engine(
+        stage, backend, offload
+    )  # fresh weights and optimizer, then load step-2 state
     resumed_engine.load(os.path.join(out_dir, "ckpt"))
     resumed = _steps(resumed_engine, rank, range(2, 5))
     result = {"local": local, "total": total, "straight": straight, "resumed": resumed, "digest": digest}
@@ -150,17 +152,21 @@ def _worker(rank: int, port: int, stage: int, backend: str, out_dir: str) -> Non
     os._exit(0)
 
 
-def run_two_ranks(tmp_path, stage: int, backend: str) -> list[dict]:
-    mp.start_processes(
-        _worker, args=(free_port(), stage, backend, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
-    )
+def run_two_ranks(tmp_path, stage: int, backend: str, offload: bool = False) -> list[dict]:
+    args = (free_port(), stage, backend, offload, str(tmp_path))
+    mp.start_processes(_worker, args=args, nprocs=2, join=True, start_method="spawn")
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("backend", "stage"), [("deepspeed", 2), ("deepspeed", 3), ("ddp", 0)])
-def test_two_gloo_ranks_partition_and_resume_exactly(tmp_path, backend, stage):
-    results = run_two_ranks(tmp_path, stage, backend)
+@pytest.mark.parametrize(
+    ("backend", "stage", "offload"),
+    [("deepspeed", 2, False), ("deepspeed", 3, False), ("deepspeed", 3, True), ("ddp", 0, False)],
+)
+def test_two_gloo_ranks_partition_and_resume_exactly(tmp_path, backend, stage, offload):
+    """offload: ZeRO-3 with the optimizer state and the parameters in host memory (DeepSpeed's CPU
+    offload; on a CPU-only machine the "device" is host memory too, so this checks the code path)."""
+    results = run_two_ranks(tmp_path, stage, backend, offload)
     total = results[0]["total"]
     if stage != 3:  # gradients are averaged: both ranks hold the same full weights after each step
         assert results[0]["digest"] == results[1]["digest"]
