@@ -28,7 +28,7 @@ from nuance.trainers.config import (
     config_to_yaml,
     objective_family,
 )
-from nuance.trainers.models.presets import PRESETS, preset_conditioning
+from nuance.trainers.models.presets import FLOW_ONLY_FAMILIES, PRESETS, preset_conditioning, preset_family
 
 DEFAULT_RECIPE = "quickstart"
 
@@ -140,6 +140,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         "fp16 needs a GPU (cluster.use_gpu=true); use fp32 or bf16 on CPU",
     )
     obj, smp = recipe.objective, recipe.sample
+    _validate_family(recipe, source)
     valid = SAMPLERS_FOR[objective_family(obj.kind)]
     _check(
         smp.sampler in valid,
@@ -154,6 +155,33 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             source,
             "sample.classes",
             f"must be class ids in [0, {num_classes}) for model {recipe.model.name}",
+        )
+
+
+def _validate_family(recipe: Recipe, source: str) -> None:
+    """MMDiT (SD3) and Flux are rectified-flow models (Esser et al. 2024); no LoRA targets for them yet."""
+    name = recipe.model.name
+    family = preset_family(name)
+    if family not in FLOW_ONLY_FAMILIES:
+        return
+    _check(
+        recipe.objective.kind == ObjectiveKind.flow,
+        source,
+        "objective.kind",
+        f"is '{recipe.objective.kind}'; model {name} ({family}) trains with rectified flow: use flow",
+    )
+    _check(
+        recipe.kind != RecipeKind.lora,
+        source,
+        "kind",
+        f"is lora, which has no LoRA targets for the {family} family (model {name}) yet",
+    )
+    if recipe.vae == "none":
+        _check(
+            recipe.data.image_size % 2 == 0,
+            source,
+            "data.image_size",
+            f"is {recipe.data.image_size}; model {name} ({family}) takes 2x2 patches: use an even size",
         )
 
 

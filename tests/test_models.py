@@ -53,7 +53,7 @@ def test_condition_changes_the_output(text_encoder):
 
 
 def test_every_preset_has_a_known_family():
-    assert {spec["family"] for spec in PRESETS.values()} == {"dit", "pixart", "unet"}
+    assert {spec["family"] for spec in PRESETS.values()} == {"dit", "pixart", "unet", "mmdit", "flux"}
     assert {
         "dit_debug",
         "dit_s2",
@@ -65,6 +65,11 @@ def test_every_preset_has_a_known_family():
         "unet_sd15",
         "unet_sd2",
         "unet_sdxl",
+        "mmdit_debug",
+        "sd3_medium",
+        "sd35_large",
+        "flux_debug",
+        "flux_dev",
     } <= set(PRESETS)
 
 

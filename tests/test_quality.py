@@ -45,8 +45,11 @@ def test_classifier_learns_the_toy_classes_and_is_cached(toy_data, evaluator) ->
 def test_real_images_score_high_and_noise_scores_low(toy_data, evaluator) -> None:
     real = load_real(toy_data, 2048)
     good = evaluator.score(_real_by_class(real, evaluator.labels, 8), per_condition=8)
-    noise = evaluator.score(torch.rand(96, 3, 32, 32), per_condition=8)
+    noise_images = torch.rand(96, 3, 32, 32)
+    noise = evaluator.score(noise_images, per_condition=8)
     wrong = evaluator.score(_real_by_class(real, evaluator.labels[::-1], 8), per_condition=8)
     assert good["accuracy"] >= 0.95 and good["kid"] < 0.05
     assert noise["accuracy"] < 0.3 and noise["kid"] > 10 * max(good["kid"], 0.01)
     assert wrong["accuracy"] < 0.2  # the right images for the wrong classes score as wrong
+    # more subsets: the same estimate, less noise from the choice of subsets (the distillation tests)
+    assert evaluator.kid_to(noise_images, num_subsets=200) == pytest.approx(noise["kid"], rel=0.1)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from nuance.orchestration.recipe import RecipeError, load_recipe, preflight, recipe_from_dict, recipe_to_dict
 from nuance.orchestration.schema import Recipe
@@ -142,3 +143,50 @@ def test_local_paths_become_absolute_for_the_workers(tmp_path, monkeypatch):
     assert fixed.text_encoder.path == "minilm" and fixed.train.resume == "auto"  # keywords stay
     s3, _ = load_recipe("quickstart", ["data.source=s3://b/x/", "cluster.storage_path=s3://b/runs"])
     assert with_absolute_paths(s3).data.source == "s3://b/x/" and recipe.vae == "models/vae"  # a copy
+
+
+class _Conditioner:
+    """Just enough of a Conditioner for `generate` to reach the guidance step."""
+
+    def for_sampling(self, prompts, classes):
+        return {"class_labels": torch.tensor(classes)}, [str(c) for c in classes]
+
+    def null(self, batch):
+        return {"class_labels": torch.zeros(batch, dtype=torch.long)}
+
+
+def _scale_generate_uses(monkeypatch, objective_kind: str, cfg: float | None) -> float:
+    from nuance.trainers import sampling
+    from nuance.trainers.diffusion import build_objective
+
+    class Scale(Exception):
+        pass
+
+    def guidance(model, cond, null, scale):
+        raise Scale(scale)
+
+    monkeypatch.setattr(sampling, "classifier_free_guidance", guidance)
+    with pytest.raises(Scale) as seen:
+        sampling.generate(
+            None, build_objective(objective_kind), _Conditioner(), None, prompts=[], classes=[0],
+            num_per_condition=1, latent_shape=(3, 8, 8), steps=1, cfg=cfg,
+        )  # fmt: skip
+    return seen.value.args[0]
+
+
+def test_guidance_defaults_to_the_objectives_measured_scale(monkeypatch):
+    """sample.cfg unset (null) is the objective's scale (DEFAULT_CFG_FOR, measured: README "Sample
+    quality"); a set one wins, the recipe's or --cfg. `generate` resolves it for the training grids and
+    eval, `nuance sample` and `nuance eval` alike."""
+    from nuance.trainers.config import DEFAULT_CFG_FOR, ObjectiveKind, SampleConfig, guidance_scale
+
+    assert SampleConfig().cfg is None and set(DEFAULT_CFG_FOR) == set(ObjectiveKind)
+    assert [guidance_scale(k, None) for k in ("flow", "eps", "v", "x0")] == [2.0, 4.0, 4.0, 4.0]
+    assert guidance_scale(ObjectiveKind.flow, 1.0) == 1.0 and guidance_scale("eps", 0.0) == 0.0
+    for kind in ("flow", "eps", "x0"):
+        assert _scale_generate_uses(monkeypatch, kind, None) == DEFAULT_CFG_FOR[kind]
+        assert _scale_generate_uses(monkeypatch, kind, 1.5) == 1.5
+
+    recipe, _ = load_recipe("quickstart", ["objective.kind=eps", "sample.cfg=null"])
+    assert recipe.sample.cfg is None and guidance_scale(recipe.objective.kind, recipe.sample.cfg) == 4.0
+    assert load_recipe("quickstart")[0].sample.cfg == 2.0  # a recipe's own value stays

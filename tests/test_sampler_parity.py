@@ -51,8 +51,12 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _recipe(kind: str, sampler: str, schedule: str = "linear", ztsnr: bool = False, T: int = 1000):
-    obj = ObjectiveConfig(kind=kind, num_timesteps=T, zero_terminal_snr=ztsnr, **SCHEDULES[schedule])
+def _recipe(
+    kind: str, sampler: str, schedule: str = "linear", ztsnr: bool = False, T: int = 1000, shift: float = 1.0
+):
+    obj = ObjectiveConfig(
+        kind=kind, num_timesteps=T, zero_terminal_snr=ztsnr, shift=shift, **SCHEDULES[schedule]
+    )
     return RunConfig(objective=obj, sample=SampleConfig(sampler=sampler))
 
 
@@ -251,7 +255,7 @@ def test_euler_matches_exported_flow_match_scheduler(tmp_path, T, steps):
 
 
 def test_euler_with_time_shift_matches_scheduler_with_that_shift(tmp_path):
-    """Export writes shift=1 (nuance samples with shift 1); the grid also agrees for other shifts."""
+    """With objective.shift at its default 1 export writes shift=1; the grid also agrees for other shifts."""
     recipe = _recipe("flow", "euler")
     objective = objective_from_config(recipe.objective)
     exported = _exported(recipe, tmp_path)
@@ -263,6 +267,52 @@ def test_euler_with_time_shift_matches_scheduler_with_that_shift(tmp_path):
     )
     # ... and the comparison notices a grid that differs: the unshifted scheduler lands elsewhere.
     assert (ours - run_diffusers(exported, model, x_T.float(), 10).to(F64)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("T", [1000, 500])
+@pytest.mark.parametrize("steps", [1, 4, 25])
+def test_recipe_time_shift_3_samples_what_the_exported_scheduler_samples(tmp_path, T, steps):
+    """objective.shift=3 (SD3): export writes shift=3 and nuance's default grid is shifted the same."""
+    recipe = _recipe("flow", "default", T=T, shift=3.0)
+    objective = objective_from_config(recipe.objective)
+    scheduler = _exported(recipe, tmp_path)
+    assert scheduler.config.shift == 3.0 and objective.shift == 3.0
+    seen, model = [], flow_model(T)
+
+    def recording(x, t_model):
+        seen.append(t_model[0].item())
+        return model(x, t_model)
+
+    x_T = _x_T()
+    ours = objective.sample(recording, x_T, steps, sampler=recipe.sample.sampler)  # no explicit shift
+    theirs = run_diffusers(scheduler, model, x_T.float(), steps)
+    assert seen == pytest.approx(scheduler.timesteps.tolist(), rel=1e-6)
+    torch.testing.assert_close(ours, theirs.to(F64), rtol=0, atol=ATOL)
+    unshifted = objective_from_config(_recipe("flow", "default", T=T).objective)
+    if steps > 1:  # one step from sigma = 1 to 0 is the same on every grid
+        assert (ours - unshifted.sample(model, x_T, steps)).abs().max() > 1e-3
+
+
+def test_training_sigmas_use_the_schedulers_time_shift():
+    """objective.shift=3 trains on the same logit-normal draws mapped by the time shift, and that map is
+    FlowMatchEulerDiscreteScheduler(shift=3)'s: its training sigmas (before set_timesteps, what diffusers'
+    SD3 training script indexes with logit-normal u) are shift(t / T) for t = T..1."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from nuance.trainers.diffusion.samplers import time_shift
+
+    plain = objective_from_config(_recipe("flow", "default").objective)
+    shifted = objective_from_config(_recipe("flow", "default", shift=3.0).objective)
+    torch.manual_seed(0)
+    a = plain.sample_sigma(4096, "cpu", F64)
+    torch.manual_seed(0)
+    b = shifted.sample_sigma(4096, "cpu", F64)
+    torch.testing.assert_close(b, time_shift(a, 3.0), rtol=0, atol=0)
+    assert b.median() > a.median() + 0.1  # shift > 1 trains at more noise
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    unshifted = torch.arange(1000, 0, -1, dtype=F64) / 1000
+    torch.testing.assert_close(time_shift(unshifted, 3.0), scheduler.sigmas.to(F64), rtol=1e-6, atol=0)
 
 
 # -- which scheduler export writes -----------------------------------------------------------------------

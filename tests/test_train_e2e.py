@@ -259,3 +259,24 @@ def test_out_of_memory_ends_the_cli_with_a_one_line_hint(tmp_path, toy_cache, nu
     assert last.startswith("nuance: error: out of GPU memory at data.batch_size=16 per GPU"), last
     assert "model.gradient_checkpointing=true" in last and "engine.zero_stage=3" in last
     assert (tmp_path / "fired").is_file()
+
+
+def test_zero3_builds_partitioned_from_a_pretrained_folder(tmp_path, toy_cache, ray_cluster):
+    """ZeRO-3 builds the backbone under deepspeed.zero.Init and copies `model.pretrained` into the
+    partitions tensor by tensor: its first loss equals the ZeRO-2 run's from the same folder and data."""
+    from nuance.orchestration.launch import train
+    from nuance.trainers.config import ModelConfig
+    from nuance.trainers.models.backbone import build_backbone
+
+    torch.manual_seed(5)
+    base = tmp_path / "base"
+    build_backbone(
+        ModelConfig(name="dit_debug", num_classes=12), in_channels=3, sample_size=16
+    ).net.save_pretrained(base)
+    losses = {}
+    for stage in (2, 3):
+        overrides = (f"model.pretrained={base}", f"engine.zero_stage={stage}", "train.max_steps=2")
+        recipe = small_recipe(tmp_path, toy_cache, f"z{stage}", *overrides, "train.ckpt_every=2")
+        assert train(recipe).error is None
+        losses[stage] = read_metrics(tmp_path / f"z{stage}")[1]["loss"]
+    assert losses[3] == pytest.approx(losses[2], rel=1e-5), losses

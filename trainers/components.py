@@ -13,6 +13,7 @@ from nuance.trainers.diffusion import build_objective
 from nuance.trainers.models.backbone import Backbone, build_backbone
 from nuance.trainers.models.encoders import PixelSpace, TextEncoder, build_autoencoder
 from nuance.trainers.models.presets import preset_conditioning
+from nuance.trainers.zero_init import is_partitioned, partitioned_init, partitions_at_init
 
 
 @dataclass
@@ -39,10 +40,18 @@ def objective_from_config(cfg: ObjectiveConfig):
         zero_terminal_snr=cfg.zero_terminal_snr,
         logit_mean=cfg.logit_mean,
         logit_std=cfg.logit_std,
+        shift=cfg.shift,
     )
 
 
-def build_components(recipe: RunConfig, device: torch.device | str = "cpu") -> Components:
+def build_components(
+    recipe: RunConfig, device: torch.device | str = "cpu", *, world_size: int | None = None, rank: int = 0
+) -> Components:
+    """Autoencoder, text encoder, conditioner, backbone and objective of the recipe. `world_size` (set by
+    training workers only): when the engine will be DeepSpeed ZeRO-3 over that many ranks, the backbone
+    is built partitioned (trainers.zero_init), so no rank ever holds all of it, and must not be moved
+    (`.to`) afterwards. Sampling and export (no `world_size`) build whole models."""
+    device = torch.device(device)
     autoencoder = build_autoencoder(recipe.vae, device)
     text_encoder = None
     if preset_conditioning(recipe.model.name) == "text":
@@ -53,11 +62,18 @@ def build_components(recipe: RunConfig, device: torch.device | str = "cpu") -> C
             f"data.image_size={image_size} is not divisible by the VAE's downsampling "
             f"factor {autoencoder.downsample}"
         )
+    partition = None
+    cuda = device.type == "cuda"
+    if world_size and partitions_at_init(recipe.engine, world_size=world_size, cuda=cuda):
+        sizes = {"micro_batch": recipe.data.batch_size, "world_size": world_size, "device": device}
+        partition = partitioned_init(recipe.engine, recipe.optim, **sizes)
     backbone = build_backbone(
         recipe.model,
         in_channels=autoencoder.latent_channels,
         sample_size=image_size // autoencoder.downsample,
         cond_dim=text_encoder.hidden_size if text_encoder else None,
+        partition=partition,
+        rank=rank,
     )
     conditioner = Conditioner(
         backbone.conditioning,
@@ -65,10 +81,19 @@ def build_components(recipe: RunConfig, device: torch.device | str = "cpu") -> C
         num_classes=backbone.num_classes,
         image_size=image_size,
         uses_time_ids=backbone.uses_time_ids,
+        uses_pooled=backbone.uses_pooled,
     )
     return Components(
         autoencoder, text_encoder, conditioner, backbone, objective_from_config(recipe.objective)
     )
 
 
-__all__ = ["Components", "PixelSpace", "build_components", "objective_from_config"]
+def training_components(recipe: RunConfig, rank: int, world_size: int, device: torch.device) -> Components:
+    """`build_components` for a training worker: the backbone on `device`, or partitioned there (ZeRO-3)."""
+    comps = build_components(recipe, device, world_size=world_size, rank=rank)
+    if not is_partitioned(comps.backbone):
+        comps.backbone.to(device)
+    return comps
+
+
+__all__ = ["Components", "PixelSpace", "build_components", "objective_from_config", "training_components"]

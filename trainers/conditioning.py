@@ -22,6 +22,7 @@ class Conditioner:
         num_classes: int | None = None,
         image_size: int = 0,
         uses_time_ids: bool = False,
+        uses_pooled: bool = False,
     ):
         if conditioning == "text" and text_encoder is None:
             raise ValueError("text conditioning needs a text encoder")
@@ -32,6 +33,8 @@ class Conditioner:
         self.num_classes = num_classes
         self.image_size = image_size
         self.uses_time_ids = uses_time_ids
+        # SDXL's time ids come with the pooled embedding; MMDiT / Flux take the pooled embedding alone.
+        self.uses_pooled = uses_pooled or uses_time_ids
 
     def _drop_mask(self, batch_size: int, p: float) -> torch.Tensor:
         # Global RNG on purpose: restoring it on resume reproduces the same drops.
@@ -50,6 +53,8 @@ class Conditioner:
         cond = {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
         if self.uses_time_ids:
             cond.update(pooled=pooled, time_ids=self.time_ids(len(hidden), sizes))
+        elif self.uses_pooled:
+            cond["pooled"] = pooled
         return cond
 
     def time_ids(self, batch_size: int, sizes: dict | None = None) -> torch.Tensor:

@@ -76,6 +76,16 @@ SAMPLERS_FOR = {
     "flow": (Sampler.default, Sampler.euler),
 }
 
+# The guidance scale that `sample.cfg: null` (the default) stands for, per objective kind, as measured on
+# the toy quickstart (README, "Sample quality"): rectified flow is best at 2, eps / v / x0 want about 4.
+DEFAULT_CFG_FOR = {"flow": 2.0, "eps": 4.0, "v": 4.0, "x0": 4.0}
+
+
+def guidance_scale(objective_kind: str, cfg: float | None) -> float:
+    """`cfg` when set, else the objective's default (DEFAULT_CFG_FOR). The one place where `sample.cfg`
+    and `--cfg` are resolved (trainers.sampling.generate calls it)."""
+    return DEFAULT_CFG_FOR[str(objective_kind)] if cfg is None else float(cfg)
+
 
 def objective_family(kind: str) -> str:
     """'flow' for rectified flow, 'ddpm' for the eps / v / x0 parameterizations."""
@@ -135,6 +145,9 @@ class ObjectiveConfig:
     logit_mean: float = 0.0
     """Flow only: mean of the logit-normal timestep density (SD3)."""
     logit_std: float = 1.0
+    shift: float = 1.0
+    """Flow only: SD3's time shift (Esser et al. 2024 sec. 5.3.2), sigma -> shift sigma / (1 + (shift - 1)
+    sigma), on the training sigmas and the sampler's grid (and the exported scheduler's). SD3 uses 3.0."""
     cond_dropout: float = 0.1
     """Probability of replacing the condition with the null condition (classifier-free guidance)."""
 
@@ -153,6 +166,7 @@ class ObjectiveConfig:
             "and objective.beta_end must satisfy 0 < beta_start < beta_end < 1",
         )
         check(self.logit_std > 0, "logit_std", "must be > 0")
+        check(self.shift > 0, "shift", "must be > 0 (1: no shift; SD3 uses 3.0)")
 
 
 @dataclass
@@ -248,7 +262,9 @@ class SampleConfig:
     every: int = 0
     """Log a sample grid every N steps (0: only at the end)."""
     steps: int = 25
-    cfg: float = 3.0
+    cfg: float | None = None
+    """Classifier-free guidance scale (1: off); null: the objective's (DEFAULT_CFG_FOR: flow 2, eps / v /
+    x0 4). `nuance sample` / `nuance eval` use it too unless given --cfg."""
     sampler: Sampler = Sampler.default
     """default (the objective's) | ddpm | ddim | euler."""
     prompts: list[str] = field(default_factory=lambda: ["a red circle", "a blue square"])

@@ -50,7 +50,8 @@ def checkpoint_images(
     seed: int,
     device: torch.device,
 ) -> tuple[torch.Tensor, list[str]]:
-    """Images of a loaded checkpoint, with the recipe's sampling steps and guidance unless given."""
+    """Images of a loaded checkpoint, with the recipe's sampling steps and guidance unless given (a recipe
+    without sample.cfg: the objective's default guidance, resolved by `generate`)."""
     return generate(
         comps.backbone,
         comps.objective,
@@ -133,8 +134,9 @@ def diffusers_scheduler(recipe: RunConfig, sampler: str | None = None):
     obj = recipe.objective
     name = resolve_sampler(obj.kind, recipe.sample.sampler if sampler is None else sampler)
     if name == Sampler.euler:
-        # FlowObjective feeds the model t = sigma * num_timesteps; the scheduler's timesteps are the same.
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=obj.num_timesteps, shift=1.0)
+        # FlowObjective feeds the model t = sigma * num_timesteps; the scheduler's timesteps are the same,
+        # and its `shift` is the objective's time shift (nuance samples on the same shifted grid).
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=obj.num_timesteps, shift=obj.shift)
     common = dict(
         num_train_timesteps=obj.num_timesteps,
         beta_start=obj.beta_start,
@@ -153,7 +155,8 @@ def diffusers_scheduler(recipe: RunConfig, sampler: str | None = None):
 def export_diffusers(
     ckpt_dir: str | Path, out: str | Path, use_ema: bool = True, merge_lora: bool = False
 ) -> Path:
-    """Write `out/` as diffusers expects: the backbone (`transformer/` or `unet/`), `scheduler/`, `vae/`,
+    """Write `out/` as diffusers expects: the backbone (`transformer/` or `unet/`; for MMDiT and Flux the
+    stock SD3Transformer2DModel / FluxTransformer2DModel folder, without a pipeline), `scheduler/`, `vae/`,
     the text encoder and tokenizer when the model is text-conditional, and `model_index.json` when a stock
     pipeline fits (DiT + VAE -> DiTPipeline).
 

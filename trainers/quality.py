@@ -201,12 +201,15 @@ class Evaluator:
         return [self.prompts[c] for c in self.labels], []
 
     @torch.no_grad()
-    def kid_to(self, images: torch.Tensor, reference: torch.Tensor | None = None) -> float:
+    def kid_to(
+        self, images: torch.Tensor, reference: torch.Tensor | None = None, num_subsets: int = 20
+    ) -> float:
         """KID of images in [0, 1] against the real images, or against `reference` images in [0, 1]
-        (e.g. a fine-tuning subset), in this classifier's feature space."""
+        (e.g. a fine-tuning subset), in this classifier's feature space. More `num_subsets`: the same
+        estimate with less noise from the choice of subsets (for comparisons of hundreds of samples)."""
         features = self.classifier.features(images.float() * 2 - 1)
         real = self.real_features if reference is None else self.classifier.features(reference * 2 - 1)
-        return kid(real, features)
+        return kid(real, features, num_subsets=num_subsets)
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, per_condition: int) -> dict[str, float]:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from nuance.trainers.conditioning import Conditioner
+from nuance.trainers.config import guidance_scale
 from nuance.trainers.diffusion import classifier_free_guidance
 
 
@@ -25,18 +26,19 @@ def generate(
     num_per_condition: int,
     latent_shape: tuple[int, int, int],
     steps: int,
-    cfg: float,
+    cfg: float | None,
     sampler: str = "default",
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, list[str]]:
-    """Images in [0, 1], (N, 3, H, W), N = conditions x num_per_condition, and one title per image."""
+    """Images in [0, 1], (N, 3, H, W), N = conditions x num_per_condition, and one title per image.
+    `cfg` None: the objective's default guidance scale (`config.DEFAULT_CFG_FOR`)."""
     cond, titles = conditioner.for_sampling(prompts, classes)
     cond = {k: v.repeat_interleave(num_per_condition, 0).to(device) for k, v in cond.items()}
     titles = [t for t in titles for _ in range(num_per_condition)]
     batch = len(titles)
     null = {k: v.to(device) for k, v in conditioner.null(batch).items()}
-    model_fn = classifier_free_guidance(model, cond, null, cfg)
+    model_fn = classifier_free_guidance(model, cond, null, guidance_scale(objective.prediction, cfg))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn((batch, *latent_shape), generator=generator).to(device)
     name = objective.default_sampler if sampler == "default" else sampler

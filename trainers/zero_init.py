@@ -49,13 +49,16 @@ def partitioned_init(
     from nuance.trainers.engine import deepspeed_config, ensure_deepspeed_accelerator
 
     ensure_deepspeed_accelerator()
+    if torch.distributed.is_initialized():  # Ray Train's process group: DeepSpeed adopts it (else it
+        # would look for launcher variables or MPI)
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
     config = deepspeed_config(engine, optim, micro_batch=micro_batch, world_size=world_size)
     # zero.Init reads only the ZeRO and precision sections; DeepSpeed derives the global batch from the
     # micro batch itself here (its world size is not set up before deepspeed.initialize).
     config.pop("train_batch_size")
     with deepspeed.zero.Init(
         config_dict_or_path=config,
-        remote_device="cpu" if engine.offload_params else str(device),
+        remote_device="cpu" if engine.offload_params else None,  # None: the accelerator's memory
         pin_memory=engine.offload_params and device.type == "cuda",
     ):
         yield

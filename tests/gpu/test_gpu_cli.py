@@ -24,8 +24,13 @@ import torch
 pytestmark = pytest.mark.gpu
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("NUANCE_GPU_TESTS_ON_CPU") != "1":
-    raise RuntimeError("tests/gpu needs a CUDA GPU (or NUANCE_GPU_TESTS_ON_CPU=1 for a CPU dry run)")
+
+
+@pytest.fixture(autouse=True)
+def _a_gpu():
+    """Selected without a GPU (`-m gpu` on a CPU machine): fail, never pass on CPU by accident."""
+    if not ON_GPU and os.environ.get("NUANCE_GPU_TESTS_ON_CPU") != "1":
+        pytest.fail("tests/gpu needs a CUDA GPU (or NUANCE_GPU_TESTS_ON_CPU=1 for a CPU dry run)")
 
 CLASS_DIT = ["model.name=dit_debug", "model.num_classes=12", "sample.classes=[0,9]", "sample.prompts=[]"]
 DEVICE = ["cluster.use_gpu=true", "cluster.num_workers=1", "engine.precision=bf16"] if ON_GPU else []

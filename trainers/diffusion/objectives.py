@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from nuance.trainers.config import SAMPLERS_FOR, Sampler, objective_family
 
 from .conversions import as_coeff, eps_to_x0, v_target, v_to_eps, v_to_x0, x0_to_eps
-from .samplers import ddim, ddpm_ancestral, euler_flow
+from .samplers import ddim, ddpm_ancestral, euler_flow, time_shift
 from .schedules import DiscreteSchedule, gather
 
 PREDICTIONS = ("eps", "v", "x0")
@@ -158,29 +158,40 @@ class FlowObjective:
     Forward process (eq. 1-3): x_t = (1 - sigma) x0 + sigma * noise, trained to predict the velocity
     v = noise - x0 (the conditional flow-matching target). sigma follows the logit-normal density of
     sec. 3.1: sigma = sigmoid(u), u ~ N(logit_mean, logit_std), which concentrates training on the
-    intermediate noise levels. The model sees ``t_model = sigma * num_train_timesteps``.
+    intermediate noise levels. ``shift`` != 1 applies SD3's time shift (sec. 5.3.2) to those sigmas and
+    is the sampler's default grid shift, as diffusers' SD3 training script and FlowMatchEulerDiscreteScheduler
+    (``shift``) do. The model sees ``t_model = sigma * num_train_timesteps``.
     """
 
     prediction = "flow"
     default_sampler = DEFAULT_SAMPLER["flow"]
 
     def __init__(
-        self, logit_mean: float = 0.0, logit_std: float = 1.0, num_train_timesteps: int = 1000
+        self,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
     ) -> None:
         if not logit_std > 0:
             raise ValueError(f"logit_std must be > 0, got {logit_std}")
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
         if not num_train_timesteps > 0:
             raise ValueError(f"num_train_timesteps must be > 0, got {num_train_timesteps}")
         self.logit_mean = float(logit_mean)
         self.logit_std = float(logit_std)
         self.num_train_timesteps = num_train_timesteps
+        self.shift = float(shift)
 
     def sample_sigma(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-        """Logit-normal sigma in (0, 1) (Esser et al. sec. 3.1), median sigmoid(logit_mean)."""
+        """Logit-normal sigma in (0, 1) (Esser et al. sec. 3.1), median sigmoid(logit_mean), then
+        time-shifted when ``shift`` != 1 (median shift(sigmoid(logit_mean)))."""
         # Draw in >= fp32: a bf16 sigma would quantise the noise levels the model is trained on.
         dtype = torch.promote_types(dtype, torch.float32)
         u = torch.randn(batch_size, device=device, dtype=dtype)
-        return torch.sigmoid(self.logit_mean + self.logit_std * u)
+        sigma = torch.sigmoid(self.logit_mean + self.logit_std * u)
+        return sigma if self.shift == 1.0 else time_shift(sigma, self.shift)
 
     def q_sample(self, x0: torch.Tensor, sigma: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
         """Esser et al. eq. 3 (rectified flow path): x_t = (1 - sigma) x0 + sigma * noise."""
@@ -220,16 +231,17 @@ class FlowObjective:
         sampler: str = "euler",
         generator: torch.Generator | None = None,
         callback: Callable | None = None,
-        shift: float = 1.0,
+        shift: float | None = None,
     ) -> torch.Tensor:
         """Integrate the learned ODE from noise ``x_1`` (sigma = 1) to data (sigma = 0).
 
         ``sampler`` is ``euler`` or ``default`` (= euler). ``generator`` is accepted for a uniform sampler
         signature; Euler integration is deterministic. The sigma grid is
         ``flow_sigmas(steps, shift, num_train_timesteps)``, the one diffusers'
-        FlowMatchEulerDiscreteScheduler walks.
+        FlowMatchEulerDiscreteScheduler walks; ``shift`` defaults to the objective's own.
         """
         resolve_sampler(self.prediction, sampler)
+        shift = self.shift if shift is None else shift
         T = self.num_train_timesteps
         return euler_flow(self.velocity_fn(model_fn), x_1, steps, shift, T, callback=callback)
 
@@ -244,17 +256,20 @@ def build_objective(
     zero_terminal_snr: bool = False,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    shift: float = 1.0,
 ) -> DDPMObjective | FlowObjective:
     """Build an objective from recipe values.
 
     ``kind`` is a DDPM prediction type (``"eps"``, ``"v"``, ``"x0"``) or ``"flow"``. For ``"flow"``
     the beta-schedule arguments are unused (``num_timesteps`` sets the ``t_model`` scale) and
-    ``zero_terminal_snr`` is moot: sigma = 1 is already pure noise.
+    ``zero_terminal_snr`` is moot: sigma = 1 is already pure noise; ``shift`` is flow's time shift.
     """
     if kind not in OBJECTIVE_KINDS:
         raise ValueError(f"unknown objective {kind!r}; expected one of {list(OBJECTIVE_KINDS)}")
     if kind == "flow":
-        return FlowObjective(logit_mean=logit_mean, logit_std=logit_std, num_train_timesteps=num_timesteps)
+        return FlowObjective(
+            logit_mean=logit_mean, logit_std=logit_std, num_train_timesteps=num_timesteps, shift=shift
+        )
     if zero_terminal_snr and kind == "eps":
         raise ValueError(
             "objective.zero_terminal_snr=true requires v- or x0-prediction: at alpha_bar=0 the input is pure "

@@ -149,12 +149,16 @@ def flow_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000)
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not shift > 0:
         raise ValueError(f"shift must be > 0, got {shift}")
+    lo = time_shift(1.0 / num_train_timesteps, shift)
+    s = torch.linspace(1.0, lo, steps, dtype=torch.float64)
+    return torch.cat([time_shift(s, shift), torch.zeros(1, dtype=torch.float64)])
 
-    def shifted(s: torch.Tensor | float):
-        return shift * s / (1 + (shift - 1) * s)
 
-    s = torch.linspace(1.0, shifted(1.0 / num_train_timesteps), steps, dtype=torch.float64)
-    return torch.cat([shifted(s), torch.zeros(1, dtype=torch.float64)])
+def time_shift(sigma, shift: float):
+    """SD3's time shift (Esser et al. 2024 sec. 5.3.2): shift * sigma / (1 + (shift - 1) * sigma), the
+    formula of diffusers' FlowMatchEulerDiscreteScheduler (``shift``). Keeps 0 and 1 fixed; shift > 1
+    moves every sigma in between towards 1 (more noise)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 def euler_flow(

@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 
 from nuance.trainers import distill
-from nuance.trainers.components import build_components
+from nuance.trainers.components import training_components
 from nuance.trainers.config import RunConfig
 from nuance.trainers.context import RunContext, seed_everything
 from nuance.trainers.discriminator import Discriminator, discriminator_loss, generator_loss
@@ -85,8 +85,8 @@ class LightningLosses:
 def run(recipe: RunConfig, ctx: RunContext) -> dict:
     dc = recipe.distill
     seed_everything(recipe.train.seed, ctx.rank)
-    comps = build_components(distill.student_recipe(recipe), ctx.device)  # the student starts as the teacher
-    comps.backbone.to(ctx.device)
+    # the student starts as the teacher
+    comps = training_components(distill.student_recipe(recipe), ctx.rank, ctx.world_size, ctx.device)
     objective = comps.objective
     teacher = distill.Teacher.from_recipe(recipe, comps.backbone, objective, ctx.rank, ctx.device)
     grids = distill.nested_grids(objective.schedule, dc.student_steps, dc.teacher_steps)
@@ -97,7 +97,7 @@ def run(recipe: RunConfig, ctx: RunContext) -> dict:
     h.sample_steps = dc.student_steps
 
     # The generator pass on the plain modules (Harness.count_flops, rank 0); its transitions are dropped.
-    h.count_flops(lambda x0, cond: losses.generator(comps.backbone, disc, x0, cond))
+    h.count_flops(lambda net, x0, cond: losses.generator(net, disc, x0, cond))
     losses.pending.clear()
     engine = h.engine(comps.backbone)
     disc_engine = h.engine(disc, optim=replace(recipe.optim, lr=dc.disc_lr))

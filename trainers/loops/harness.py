@@ -23,6 +23,7 @@ from nuance.trainers.engine import StepStats, TrainEngine, build_engine, global_
 from nuance.trainers.quality import Evaluator
 from nuance.trainers.sampling import generate, save_grid
 from nuance.trainers.tracking import Tracker, peak_flops, train_flops_per_sample, zero_grads
+from nuance.trainers.zero_init import is_partitioned, meta_copy
 
 
 class Harness:
@@ -62,16 +63,22 @@ class Harness:
         return {k: v.to(self.ctx.device) for k, v in self.comps.conditioner.training(batch, p).items()}
 
     def count_flops(self, loss_of) -> None:
-        """FLOPs per image of one training step's forward+backward: `loss_of(x0, cond)` counted once on
-        two synthetic examples (rank 0, plain modules, before the engine exists), so no data is read and
-        the memory stays that of a tiny batch. The counted RNG draws are undone."""
+        """FLOPs per image of one training step's forward+backward: `loss_of(backbone, x0, cond)` counted
+        once on two synthetic examples (rank 0, before the engine exists), so no data is read and the
+        memory stays that of a tiny batch. A ZeRO-3 backbone (partitioned at construction) is counted on
+        a meta-device copy of its architecture. The counted RNG draws are undone."""
         if self.ctx.rank != 0:
             return
-        examples = 2
+        examples, backbone, device = 2, self.comps.backbone, self.ctx.device
+        if is_partitioned(backbone):
+            backbone, device = type(backbone)(meta_copy(backbone.net), backbone.family), torch.device("meta")
         with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
-            x0 = torch.randn(examples, *self.comps.latent_shape, device=self.ctx.device)
-            cond = {k: v.to(self.ctx.device) for k, v in self.comps.conditioner.null(examples).items()}
-            self.flops_per_image = train_flops_per_sample(lambda: loss_of(x0, cond), examples)
+            x0 = torch.randn(examples, *self.comps.latent_shape, device=device)
+            cond = {k: v.to(device) for k, v in self.comps.conditioner.null(examples).items()}
+            try:
+                self.flops_per_image = train_flops_per_sample(lambda: loss_of(backbone, x0, cond), examples)
+            except (RuntimeError, NotImplementedError) as err:  # an op without a meta kernel
+                self.ctx.log(f"FLOPs not counted (no MFU in the logs): {str(err).splitlines()[0]}")
         zero_grads(self.comps.backbone)
 
     # -- engines and state --------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def run(recipe: RunConfig, ctx: RunContext) -> dict:
     def loss_fn(model, batch):
         return comps.objective.loss(model, h.to_x0(batch), h.cond(batch))
 
-    h.count_flops(lambda x0, cond: comps.objective.loss(comps.backbone, x0, cond))
+    h.count_flops(lambda net, x0, cond: comps.objective.loss(net, x0, cond))
     engine = h.engine(comps.backbone, trainable_only=True)
     if recipe.lora.quantize_base:
         check_quantized_base(engine.module, dtype)

@@ -6,7 +6,7 @@ Everything it needs comes from the recipe and the `RunContext`; nothing is read 
 
 from __future__ import annotations
 
-from nuance.trainers.components import build_components
+from nuance.trainers.components import training_components
 from nuance.trainers.config import RunConfig
 from nuance.trainers.context import RunContext, seed_everything
 from nuance.trainers.loops.harness import Harness
@@ -14,14 +14,13 @@ from nuance.trainers.loops.harness import Harness
 
 def run(recipe: RunConfig, ctx: RunContext) -> dict:
     seed_everything(recipe.train.seed, ctx.rank)
-    comps = build_components(recipe, ctx.device)
-    comps.backbone.to(ctx.device)
+    comps = training_components(recipe, ctx.rank, ctx.world_size, ctx.device)
     h = Harness(recipe, ctx, comps)
 
     def loss_fn(model, batch):
         return comps.objective.loss(model, h.to_x0(batch), h.cond(batch))
 
-    h.count_flops(lambda x0, cond: comps.objective.loss(comps.backbone, x0, cond))
+    h.count_flops(lambda net, x0, cond: comps.objective.loss(net, x0, cond))
     engine = h.engine(comps.backbone)
     ema, step = h.start(engine)
     return h.train_loop(engine, ema, step, loss_fn)

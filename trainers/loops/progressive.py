@@ -16,7 +16,7 @@ LR schedule of optim.* carry across rounds; the EMA, if any, restarts at each ro
 from __future__ import annotations
 
 from nuance.trainers import distill
-from nuance.trainers.components import build_components
+from nuance.trainers.components import training_components
 from nuance.trainers.config import RunConfig
 from nuance.trainers.context import RunContext, seed_everything
 
@@ -24,8 +24,8 @@ from nuance.trainers.context import RunContext, seed_everything
 def run(recipe: RunConfig, ctx: RunContext) -> dict:
     dc = recipe.distill
     seed_everything(recipe.train.seed, ctx.rank)
-    comps = build_components(distill.student_recipe(recipe), ctx.device)  # theta <- eta (Algorithm 2)
-    comps.backbone.to(ctx.device)
+    # theta <- eta (Algorithm 2)
+    comps = training_components(distill.student_recipe(recipe), ctx.rank, ctx.world_size, ctx.device)
     objective = comps.objective  # the student's parameterization (objective.kind: v or x0)
     teacher = distill.Teacher.from_recipe(recipe, comps.backbone, objective, ctx.rank, ctx.device)
     rounds = distill.num_rounds(dc.teacher_steps, dc.student_steps)
@@ -48,7 +48,7 @@ def run(recipe: RunConfig, ctx: RunContext) -> dict:
     def loss_fn(model, batch):
         return loss_of(model, h.to_x0(batch), h.cond(batch))
 
-    h.count_flops(lambda x0, cond: loss_of(comps.backbone, x0, cond))
+    h.count_flops(loss_of)
     engine = h.engine(comps.backbone)
     extra = {"teacher": teacher}  # checkpointed / resumed with the run (trainers.distill.Teacher.save/load)
     ema, step = h.start(engine, extra)

@@ -1,4 +1,4 @@
-"""Backbones: diffusers DiT / PixArt / U-Net behind one `forward(x_t, t, **cond)`.
+"""Backbones: diffusers DiT / PixArt / U-Net / MMDiT (SD3) / Flux behind one `forward(x_t, t, **cond)`.
 
 The adapter is the `nn.Module` handed to DeepSpeed. DeepSpeed's bf16/fp16 modes cast the whole
 module, so every input the adapter builds is cast to the weight dtype here, and the output is
@@ -7,18 +7,46 @@ returned in fp32 so the loss is always computed in full precision.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from nuance.trainers.config import ModelConfig
+from nuance.trainers.models.mmdit import (
+    FLUX_GUIDANCE,
+    JOINT_FAMILIES,
+    check_joint,
+    flux_forward,
+    joint_preset_kwargs,
+    mmdit_forward,
+)
 from nuance.trainers.models.presets import CONDITIONING, PRESETS
+from nuance.trainers.zero_init import load_partitioned
 
-NET_CLASSES = {"dit": DiTTransformer2DModel, "pixart": PixArtTransformer2DModel, "unet": UNet2DConditionModel}
-SUBFOLDER = {"dit": "transformer", "pixart": "transformer", "unet": "unet"}
+NET_CLASSES = {
+    "dit": DiTTransformer2DModel,
+    "pixart": PixArtTransformer2DModel,
+    "unet": UNet2DConditionModel,
+    "mmdit": SD3Transformer2DModel,
+    "flux": FluxTransformer2DModel,
+}
+SUBFOLDER = {
+    "dit": "transformer",
+    "pixart": "transformer",
+    "unet": "unet",
+    "mmdit": "transformer",
+    "flux": "transformer",
+}
 
 
 class Backbone(nn.Module):
@@ -29,10 +57,13 @@ class Backbone(nn.Module):
         self.net = net
         self.family = family
         self.conditioning = CONDITIONING[family]
+        self.guidance = FLUX_GUIDANCE  # Flux with guidance_embeds: the fixed guidance value it is given
 
     @property
     def in_channels(self) -> int:
-        return self.net.config.in_channels
+        """Channels of the latents `forward` takes (Flux's net takes 4x that, 2x2-packed)."""
+        channels = self.net.config.in_channels
+        return channels // 4 if self.family == "flux" else channels
 
     @property
     def num_classes(self) -> int | None:
@@ -42,6 +73,11 @@ class Backbone(nn.Module):
     def uses_time_ids(self) -> bool:
         return self.family == "unet" and self.net.config.addition_embed_type == "text_time"
 
+    @property
+    def uses_pooled(self) -> bool:
+        """Takes the pooled text embedding: MMDiT / Flux, and SDXL-style U-Nets (with their time ids)."""
+        return self.family in JOINT_FAMILIES or self.uses_time_ids
+
     def forward(
         self,
         x: torch.Tensor,  # (B, C, H, W) noisy latents
@@ -49,7 +85,7 @@ class Backbone(nn.Module):
         class_labels: torch.Tensor | None = None,  # (B,) long; num_classes = null class
         encoder_hidden_states: torch.Tensor | None = None,  # (B, T, D)
         encoder_attention_mask: torch.Tensor | None = None,  # (B, T) 1 = token, 0 = pad
-        pooled: torch.Tensor | None = None,  # (B, D) pooled text embedding (SDXL-style add. cond.)
+        pooled: torch.Tensor | None = None,  # (B, D) pooled text embedding (SDXL, MMDiT, Flux)
         time_ids: torch.Tensor | None = None,  # (B, 6) SDXL size/crop conditioning
     ) -> torch.Tensor:
         dtype = next(self.net.parameters()).dtype
@@ -58,6 +94,10 @@ class Backbone(nn.Module):
             encoder_hidden_states = encoder_hidden_states.to(dtype)
         if self.family == "dit":
             out = self.net(x, timestep=t, class_labels=class_labels).sample
+        elif self.family == "mmdit":
+            out = mmdit_forward(self.net, x, t, encoder_hidden_states, pooled.to(dtype))
+        elif self.family == "flux":
+            out = flux_forward(self.net, x, t, encoder_hidden_states, pooled.to(dtype), self.guidance)
         elif self.family == "pixart":
             out = self.net(
                 x,
@@ -82,10 +122,19 @@ class Backbone(nn.Module):
 
 
 def _preset_kwargs(
-    name: str, in_channels: int, sample_size: int, cond_dim: int | None, num_classes: int | None
+    name: str,
+    in_channels: int,
+    sample_size: int,
+    cond_dim: int | None,
+    num_classes: int | None,
+    pooled_dim: int | None = None,
 ) -> tuple[str, dict]:
     kwargs = dict(PRESETS[name])
     family = kwargs.pop("family")
+    if family in JOINT_FAMILIES:
+        return family, joint_preset_kwargs(
+            name, family, kwargs, in_channels, sample_size, cond_dim, pooled_dim
+        )
     kwargs.update(in_channels=in_channels, out_channels=in_channels, sample_size=sample_size)
     if family == "dit":
         kwargs["num_embeds_ada_norm"] = num_classes or kwargs["num_embeds_ada_norm"]
@@ -106,15 +155,32 @@ def build_backbone(
     sample_size: int,
     cond_dim: int | None = None,
     torch_dtype: torch.dtype | None = None,
+    pooled_dim: int | None = None,
+    partition: contextlib.AbstractContextManager | None = None,
+    rank: int = 0,
 ) -> Backbone:
-    """A backbone from a preset (random init) or from `cfg.pretrained` (a local diffusers folder)."""
+    """A backbone from a preset (random init) or from `cfg.pretrained` (a local diffusers folder).
+
+    `cond_dim` is the text encoder's token width, `pooled_dim` its pooled width (default `cond_dim`;
+    MMDiT / Flux check both against joint_attention_dim / pooled_projection_dim). `partition`: a
+    ZeRO-3 `zero.Init` context (trainers.zero_init) to build the network in; pretrained weights are then
+    copied into the partitions one tensor at a time (rank 0 reads)."""
     family = PRESETS[cfg.name]["family"]
-    if cfg.pretrained:
+    if cfg.pretrained and partition is not None:
+        folder = os.path.expanduser(cfg.pretrained)
+        with partition:
+            net = NET_CLASSES[family].from_config(NET_CLASSES[family].load_config(folder))
+        _check_built(net, family, cfg, in_channels, sample_size, cond_dim, pooled_dim)
+        load_partitioned(net, folder, rank=rank)
+    elif cfg.pretrained:
         net = NET_CLASSES[family].from_pretrained(os.path.expanduser(cfg.pretrained), torch_dtype=torch_dtype)
-        _check_pretrained(net, family, cfg, in_channels, cond_dim)
+        _check_built(net, family, cfg, in_channels, sample_size, cond_dim, pooled_dim)
     else:
-        family, kwargs = _preset_kwargs(cfg.name, in_channels, sample_size, cond_dim, cfg.num_classes)
-        net = NET_CLASSES[family](**kwargs)
+        family, kwargs = _preset_kwargs(
+            cfg.name, in_channels, sample_size, cond_dim, cfg.num_classes, pooled_dim
+        )
+        with partition or contextlib.nullcontext():
+            net = NET_CLASSES[family](**kwargs)
     # Condition dropout for classifier-free guidance is done once, by the conditioner; diffusers'
     # DiT would otherwise drop labels a second time inside the label embedding.
     for module in net.modules():
@@ -123,6 +189,15 @@ def build_backbone(
     if cfg.gradient_checkpointing:
         net.enable_gradient_checkpointing()
     return Backbone(net, family)
+
+
+def _check_built(net, family, cfg, in_channels, sample_size, cond_dim, pooled_dim) -> None:
+    """A `model.pretrained` network against the run's sizes (one-line errors naming the key)."""
+    if family in JOINT_FAMILIES:
+        source = f"model.pretrained={cfg.pretrained}"
+        check_joint(net.config, family, source, in_channels, sample_size, cond_dim, pooled_dim)
+    else:
+        _check_pretrained(net, family, cfg, in_channels, cond_dim)
 
 
 def _check_pretrained(

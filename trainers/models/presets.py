@@ -2,7 +2,9 @@
 
 Pure data (no diffusers import) so recipe validation stays cheap. `family` picks the diffusers
 class; the rest are that class's constructor arguments. Sizes that depend on the run (latent
-channels, sample size, text-embedding width) are filled in by `trainers.models.backbone`.
+channels, sample size, text-embedding width) are filled in by `trainers.models.backbone`; a preset that
+names a text width (joint_attention_dim, pooled_projection_dim) keeps it and needs a text encoder of
+that width.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ _SD_BLOCKS = {
     "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     "layers_per_block": 2,
 }
+
+_MMDIT = {"family": "mmdit", "patch_size": 2}
+_FLUX = {"family": "flux", "patch_size": 1}
 
 PRESETS: dict[str, dict] = {
     # Class-conditional DiT (Peebles & Xie 2023), diffusers DiTTransformer2DModel.
@@ -66,9 +71,63 @@ PRESETS: dict[str, dict] = {
         "addition_embed_type": "text_time",
         "addition_time_embed_dim": 256,
     },
+    # MMDiT (SD3 / SD3.5, Esser et al. 2024), diffusers SD3Transformer2DModel. Real configs as in the
+    # released transformer/config.json: 16-channel latents, T5-XXL (4096) tokens, CLIP-L+G pooled (2048).
+    "mmdit_debug": {
+        **_MMDIT,
+        "num_attention_heads": 2,
+        "attention_head_dim": 32,
+        "num_layers": 2,
+        "pos_embed_max_size": 32,
+    },
+    "sd3_medium": {
+        **_MMDIT,
+        "num_layers": 24,
+        "num_attention_heads": 24,
+        "attention_head_dim": 64,
+        "joint_attention_dim": 4096,
+        "caption_projection_dim": 1536,
+        "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 192,
+    },
+    "sd35_large": {
+        **_MMDIT,
+        "num_layers": 38,
+        "num_attention_heads": 38,
+        "attention_head_dim": 64,
+        "joint_attention_dim": 4096,
+        "caption_projection_dim": 2432,
+        "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 192,
+        "qk_norm": "rms_norm",
+    },
+    # Flux (Black Forest Labs), diffusers FluxTransformer2DModel: double-stream (MMDiT) then single-stream
+    # blocks, RoPE over (text, row, column) axes, on 2x2-packed latents (in_channels = 4 x latent channels).
+    "flux_debug": {
+        **_FLUX,
+        "num_layers": 1,
+        "num_single_layers": 2,
+        "num_attention_heads": 2,
+        "attention_head_dim": 32,
+        "axes_dims_rope": (4, 14, 14),
+        "guidance_embeds": True,
+    },
+    "flux_dev": {
+        **_FLUX,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "num_attention_heads": 24,
+        "attention_head_dim": 128,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": True,
+        "axes_dims_rope": (16, 56, 56),
+    },
 }
 
-CONDITIONING = {"dit": "class", "pixart": "text", "unet": "text"}
+CONDITIONING = {"dit": "class", "pixart": "text", "unet": "text", "mmdit": "text", "flux": "text"}
+# Families trained only with rectified flow (objective.kind=flow): their released weights are flow models.
+FLOW_ONLY_FAMILIES = ("mmdit", "flux")
 
 
 def preset_family(name: str) -> str:
