@@ -53,6 +53,19 @@ def build_engine(
     return cls(module, engine, optim, **sizes)
 
 
+def adamw_with_schedule(model: nn.Module, optim: OptimConfig, total_steps: int, *, fused: bool):
+    """torch's AdamW over the trainable parameters (fused on GPUs) and its warmup / decay schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
+        fused=fused or None,
+    )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, optim, total_steps)
+    )
+    return optimizer, scheduler
+
+
 def ensure_deepspeed_accelerator() -> None:
     """DeepSpeed picks its accelerator at import: say 'cpu' explicitly on machines without CUDA."""
     if not torch.cuda.is_available():
@@ -134,19 +147,8 @@ class TrainEngine:
         ensure_deepspeed_accelerator()
         import deepspeed
 
-        params = [p for p in model.parameters() if p.requires_grad]
         fused = torch.cuda.is_available() and not engine.offload_optimizer
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=optim.lr,
-            betas=tuple(optim.betas),
-            eps=optim.eps,
-            weight_decay=optim.weight_decay,
-            fused=fused or None,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, optim, total_steps)
-        )
+        optimizer, scheduler = adamw_with_schedule(model, optim, total_steps, fused=fused)
         self.config = deepspeed_config(engine, optim, micro_batch=micro_batch, world_size=world_size)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nuance.trainers.config import EngineConfig, OptimConfig
-from nuance.trainers.engine import StepStats, load_trainable, lr_multiplier
+from nuance.trainers.engine import StepStats, adamw_with_schedule, load_trainable
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 STATES_FILE = "engine_states.pt"
@@ -74,17 +74,7 @@ class TorchEngine:
         self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
         cuda = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=optim.lr,
-            betas=tuple(optim.betas),
-            eps=optim.eps,
-            weight_decay=optim.weight_decay,
-            fused=cuda or None,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_multiplier(step, optim, total_steps)
-        )
+        self.optimizer, self.scheduler = adamw_with_schedule(model, optim, total_steps, fused=cuda)
         dtype = AUTOCAST_DTYPES.get(str(engine.precision))
         self.scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None
         self.ddp = None
