@@ -286,6 +286,13 @@ class Teacher:
         return info
 
 
+def _full_shapes(module: nn.Module) -> dict[str, torch.Size]:
+    """Every state entry's shape, the full shape for ZeRO-3 partitioned parameters (`ds_shape`)."""
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    shapes.update({k: torch.Size(p.ds_shape) for k, p in module.named_parameters() if hasattr(p, "ds_shape")})
+    return shapes
+
+
 def _teacher_backbone(cfg: ModelConfig, student: Backbone, dtype: torch.dtype) -> Backbone:
     """The teacher folder as a backbone shaped like the student (same preset family and sizes)."""
     net = student.net.config
@@ -297,8 +304,7 @@ def _teacher_backbone(cfg: ModelConfig, student: Backbone, dtype: torch.dtype) -
         cond_dim=cond_dim if student.family != "dit" else None,
         torch_dtype=dtype,
     )
-    want = {k: v.shape for k, v in student.state_dict().items()}
-    have = {k: v.shape for k, v in teacher.state_dict().items()}
+    want, have = _full_shapes(student), _full_shapes(teacher)
     if have != want:  # the student becomes the next teacher (load_state_dict): same architecture needed
         diff = sorted(set(have.items()) ^ set(want.items()))[:3]
         raise ValueError(
