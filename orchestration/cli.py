@@ -131,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
     p.add_argument(
-        "--cfg", type=float, default=None, help="guidance scale, 1 = off (default: the recipe's sample.cfg)"
+        "--cfg",
+        type=float,
+        default=None,
+        help="guidance scale, 1 = off (default: the recipe's sample.cfg, else the objective's)",
     )
     p.add_argument("--sampler", default=Sampler.default, choices=list(Sampler))
     p.add_argument("--num", type=int, default=4, help="images per prompt / class")

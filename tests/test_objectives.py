@@ -307,7 +307,8 @@ def test_flow_q_sample_interpolates():
 def test_build_objective_kinds():
     for kind in ("eps", "v", "x0"):
         obj = build_objective(kind, schedule="scaled_linear", **SD)
-        assert isinstance(obj, DDPMObjective) and obj.prediction == kind and obj.default_sampler == "ddim"
+        assert isinstance(obj, DDPMObjective) and obj.prediction == kind
+        assert obj.default_sampler == ("ddpm" if kind == "eps" else "ddim")
         assert obj.schedule.betas[-1].item() == pytest.approx(0.012)
     flow = build_objective("flow", logit_mean=0.3, logit_std=1.2, num_timesteps=500)
     assert isinstance(flow, FlowObjective) and flow.prediction == "flow" and flow.default_sampler == "euler"
@@ -317,21 +318,29 @@ def test_build_objective_kinds():
 
 def test_sampler_names_come_from_the_recipe_table():
     """Objectives accept exactly `trainers.config.SAMPLERS_FOR` of their family; `default` is their own."""
-    assert set(SAMPLERS_FOR) == set(DEFAULT_SAMPLER)
+    assert set(DEFAULT_SAMPLER) == {"eps", "v", "x0", "flow"}
     for kind in ("eps", "v", "x0", "flow"):
         family = objective_family(kind)
+        assert DEFAULT_SAMPLER[kind] in SAMPLERS_FOR[family]
         assert [resolve_sampler(kind, s) for s in SAMPLERS_FOR[family]] == [
-            DEFAULT_SAMPLER[family],
+            DEFAULT_SAMPLER[kind],
             *SAMPLERS_FOR[family][1:],
         ]
         for other in set(Sampler) - set(SAMPLERS_FOR[family]):
             with pytest.raises(ValueError, match="unknown sampler"):
                 resolve_sampler(kind, other)
     assert resolve_sampler("v", "default") == Sampler.ddim and resolve_sampler("flow", "default") == "euler"
-    obj = DDPMObjective(DiscreteSchedule.from_config("linear", 10))
+    assert resolve_sampler("eps", "default") == Sampler.ddpm
+    obj = DDPMObjective(DiscreteSchedule.from_config("linear", 10), prediction="v")
     x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     model = lambda x, t: 0.5 * x  # noqa: E731
     assert torch.equal(obj.sample(model, x, 5, sampler="default"), obj.sample(model, x, 5, sampler="ddim"))
+    eps = DDPMObjective(DiscreteSchedule.from_config("linear", 10), prediction="eps")
+    seeded = {"generator": torch.Generator().manual_seed(1)}
+    assert torch.equal(
+        eps.sample(model, x, 5, sampler="default", **seeded),
+        eps.sample(model, x, 5, sampler="ddpm", generator=torch.Generator().manual_seed(1)),
+    )
     assert not torch.equal(
         obj.sample(model, x, 5, sampler="ddpm", generator=torch.Generator().manual_seed(1)),
         obj.sample(model, x, 5, sampler="ddim"),

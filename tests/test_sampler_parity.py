@@ -143,7 +143,7 @@ def _check_table(objective, scheduler):
 @pytest.mark.parametrize(("schedule", "prediction", "ztsnr"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("steps", [1, 25])
 def test_ddim_matches_exported_ddim_scheduler(tmp_path, schedule, prediction, ztsnr, steps):
-    recipe = _recipe(prediction, "default", schedule, ztsnr)
+    recipe = _recipe(prediction, "ddim", schedule, ztsnr)
     objective = objective_from_config(recipe.objective)
     scheduler = _exported(recipe, tmp_path)
     assert type(scheduler).__name__ == "DDIMScheduler"
@@ -319,7 +319,8 @@ def test_training_sigmas_use_the_schedulers_time_shift():
 @pytest.mark.parametrize(
     ("kind", "sampler", "cls"),
     [
-        ("eps", "default", "DDIMScheduler"),
+        ("eps", "default", "DDPMScheduler"),  # eps samples best with DDPM (objectives.DEFAULT_SAMPLER)
+        ("v", "default", "DDIMScheduler"),
         ("v", "ddim", "DDIMScheduler"),
         ("x0", "ddpm", "DDPMScheduler"),
         ("flow", "default", "FlowMatchEulerDiscreteScheduler"),
