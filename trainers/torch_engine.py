@@ -72,9 +72,9 @@ class TorchEngine:
         self.grad_clip = optim.grad_clip
         self.trainable_only = trainable_only
         self.device = next(model.parameters()).device
-        self.params = [p for p in model.parameters() if p.requires_grad]
         cuda = self.device.type == "cuda"
         self.optimizer, self.scheduler = adamw_with_schedule(model, optim, total_steps, fused=cuda)
+        self.params = self.optimizer.param_groups[0]["params"]  # the trainable ones
         dtype = AUTOCAST_DTYPES.get(str(engine.precision))
         self.scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None
         self.ddp = None

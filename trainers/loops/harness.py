@@ -44,7 +44,6 @@ class Harness:
         self._batches = None
         self._window = (time.perf_counter(), 0.0, 0)  # (start, data wait, steps)
         self._quality: Evaluator | None | bool = None  # False: the data cannot be evaluated
-        self.backend = "deepspeed"  # of the engine last built (checkpoint meta)
 
     # -- inputs -----------------------------------------------------------------------------------
     def to_x0(self, batch: dict) -> torch.Tensor:
@@ -88,7 +87,7 @@ class Harness:
         """The recipe's engine for `module` (`optim` overrides the optimizer slice; `trainable_only`:
         checkpoints hold the trainable parameters only, as for LoRA)."""
         recipe = self.recipe
-        engine = build_engine(
+        return build_engine(
             module,
             recipe.engine,
             optim or recipe.optim,
@@ -97,8 +96,6 @@ class Harness:
             total_steps=recipe.optim.decay_steps or recipe.train.max_steps,
             trainable_only=trainable_only,
         )
-        self.backend = engine.backend
-        return engine
 
     def start(self, engine: TrainEngine, extra_engines: dict | None = None) -> tuple[EMA | None, int]:
         """EMA of the engine's module, per-rank noise seed, then resume: returns (ema, step reached)."""
@@ -147,7 +144,7 @@ class Harness:
             "step": step,
             "world_size": self.ctx.world_size,
             "zero_stage": self.recipe.engine.zero_stage,
-            "engine": self.backend,
+            "engine": engine.backend,
             "run_id": self.ctx.run_id,
             "kind": self.recipe.kind,
         }
@@ -237,7 +234,7 @@ class Harness:
         """A sample grid from the (EMA) model, and the quality metrics when sample.eval_per_condition > 0;
         under ZeRO-3 every rank holds a slice, so all take part."""
         recipe, ctx = self.recipe, self.ctx
-        if ctx.rank != 0 and not (self.backend == "deepspeed" and recipe.engine.zero_stage == 3):
+        if ctx.rank != 0 and not (engine.backend == "deepspeed" and recipe.engine.zero_stage == 3):
             return
         smp = recipe.sample
         images, titles = self._generate(engine, ema, smp.prompts, smp.classes, smp.num_per_condition, steps)
