@@ -36,68 +36,101 @@ ROOT = Path(__file__).resolve().parents[1]
 LOOP_CONFIGS = ("diffusers_anchor", "plain_compile", "nuance_step")
 LATENT = (4, 32, 32)
 NUM_CLASSES = 1000
+# --model: latent shape per image, and the condition: class labels (DiT) or text tokens x width (SD2's
+# OpenCLIP-H: 77 x 1024). The U-Net rows are the loop configs (random latents and text embeddings).
+MODELS = {
+    "dit_xl2": {"latent": (4, 32, 32), "text": None, "objective": "eps"},
+    "unet_sd2": {"latent": (4, 64, 64), "text": (77, 1024), "objective": "v"},
+}
 
 
 # ------------------------------------------------------------------------------------------ loop rows
+def _backbone(model_name: str):
+    from nuance.trainers.config import ModelConfig
+    from nuance.trainers.models.backbone import build_backbone
+
+    spec = MODELS[model_name]
+    cfg = ModelConfig(name=model_name, num_classes=NUM_CLASSES if spec["text"] is None else None)
+    cond_dim = spec["text"][1] if spec["text"] else None
+    return build_backbone(cfg, in_channels=4, sample_size=spec["latent"][1], cond_dim=cond_dim)
+
+
+def _inputs(model_name: str, batch: int, device: str):
+    """(x0, cond) of random latents and the model's condition."""
+    import torch
+
+    spec = MODELS[model_name]
+    x0 = torch.randn(batch, *spec["latent"], device=device)
+    if spec["text"] is None:
+        return x0, {"class_labels": torch.randint(0, NUM_CLASSES, (batch,), device=device)}
+    return x0, {"encoder_hidden_states": torch.randn(batch, *spec["text"], device=device)}
+
+
 def _flops_per_image(model_name: str) -> float:
     import torch
 
-    from nuance.trainers.config import ModelConfig
     from nuance.trainers.diffusion import build_objective
-    from nuance.trainers.models.backbone import build_backbone
     from nuance.trainers.tracking import train_flops_per_sample
 
-    net = build_backbone(ModelConfig(name=model_name, num_classes=NUM_CLASSES), in_channels=4, sample_size=32)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    net = net.to(device)
-    x0 = torch.randn(2, *LATENT, device=device)
-    cond = {"class_labels": torch.randint(0, NUM_CLASSES, (2,), device=device)}
-    return train_flops_per_sample(lambda: build_objective("eps").loss(net, x0, cond), 2)
+    net = _backbone(model_name).to(device)
+    x0, cond = _inputs(model_name, 2, device)
+    objective = build_objective(MODELS[model_name]["objective"])
+    return train_flops_per_sample(lambda: objective.loss(net, x0, cond), 2)
 
 
-def _anchor_step(batch: int):
-    """diffusers' DiT, compiled, autocast bf16, fused AdamW: the plain loop a user writes."""
-    import torch
-    import torch.nn.functional as F
-    from diffusers import DiTTransformer2DModel
+def _anchor_net(model_name: str):
+    """The diffusers class itself, built from the preset's arguments (no nuance code in the loop)."""
+    from diffusers import DiTTransformer2DModel, UNet2DConditionModel
 
     from nuance.trainers.models.presets import PRESETS
 
-    kw = {k: v for k, v in PRESETS["dit_xl2"].items() if k != "family"}
-    net = DiTTransformer2DModel(**kw, in_channels=4, out_channels=8, sample_size=32).cuda().train()
+    kw = {k: v for k, v in PRESETS[model_name].items() if k != "family"}
+    if model_name == "dit_xl2":
+        return DiTTransformer2DModel(**kw, in_channels=4, out_channels=8, sample_size=32)
+    return UNet2DConditionModel(**kw, in_channels=4, out_channels=4, sample_size=64, cross_attention_dim=1024)
+
+
+def _anchor_step(model_name: str):
+    """diffusers' model, compiled, autocast bf16, fused AdamW, eps-prediction: the plain loop users write."""
+    import torch
+    import torch.nn.functional as F
+
+    net = _anchor_net(model_name).cuda().train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
     fwd = torch.compile(net)
     alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device="cuda"), 0)
+    channels = MODELS[model_name]["latent"][0]
 
-    def step(x0, labels):
+    def step(x0, cond):
         t = torch.randint(0, 1000, (x0.shape[0],), device="cuda")
         eps = torch.randn_like(x0)
         ab = alpha_bar[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = fwd(x_t, timestep=t, class_labels=labels).sample
-        F.mse_loss(out[:, :4].float(), eps).backward()
+            if "class_labels" in cond:
+                out = fwd(x_t, timestep=t, class_labels=cond["class_labels"]).sample
+            else:
+                out = fwd(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        F.mse_loss(out[:, :channels].float(), eps).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
 
 
-def _plain_step(batch: int):
+def _plain_step(model_name: str):
     import torch
 
-    from nuance.trainers.config import ModelConfig
     from nuance.trainers.diffusion import build_objective
-    from nuance.trainers.models.backbone import build_backbone
 
-    net = build_backbone(ModelConfig(name="dit_xl2", num_classes=NUM_CLASSES), in_channels=4, sample_size=32)
-    net = net.cuda().train()
+    net = _backbone(model_name).cuda().train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
-    fwd, objective = torch.compile(net), build_objective("eps")
+    fwd, objective = torch.compile(net), build_objective(MODELS[model_name]["objective"])
 
-    def step(x0, labels):
+    def step(x0, cond):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = objective.loss(fwd, x0, {"class_labels": labels})
+            loss = objective.loss(fwd, x0, cond)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
         opt.step()
@@ -106,45 +139,42 @@ def _plain_step(batch: int):
     return step
 
 
-def _nuance_step(batch: int):
-    from nuance.trainers.config import EngineConfig, ModelConfig, OptimConfig
+def _nuance_step(model_name: str, batch: int):
+    from nuance.trainers.config import EngineConfig, OptimConfig
     from nuance.trainers.diffusion import build_objective
     from nuance.trainers.ema import EMA
     from nuance.trainers.engine import build_engine
-    from nuance.trainers.models.backbone import build_backbone
 
-    net = build_backbone(ModelConfig(name="dit_xl2", num_classes=NUM_CLASSES), in_channels=4, sample_size=32)
     engine = build_engine(
-        net.cuda(),
+        _backbone(model_name).cuda(),
         EngineConfig(precision="bf16", compile=True),
         OptimConfig(),
         micro_batch=batch,
         world_size=1,
         total_steps=10**6,
     )
-    ema, objective = EMA(engine.module, 0.9999), build_objective("eps")
+    ema, objective = EMA(engine.module, 0.9999), build_objective(MODELS[model_name]["objective"])
 
     def loss_fn(model, b):
-        return objective.loss(model, b[0], {"class_labels": b[1]})
+        return objective.loss(model, b[0], b[1])
 
-    def step(x0, labels):
-        engine.train_step([(x0, labels)], loss_fn)
+    def step(x0, cond):
+        engine.train_step([(x0, cond)], loss_fn)
         ema.update()
 
     return step
 
 
-def run_loop(config: str, batch: int, warmup: int, steps: int) -> dict:
+def run_loop(model_name: str, config: str, batch: int, warmup: int, steps: int) -> dict:
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
-    builders = {"diffusers_anchor": _anchor_step, "plain_compile": _plain_step, "nuance_step": _nuance_step}
-    step = builders[config](batch)
-    inputs = [
-        (torch.randn(batch, *LATENT, device="cuda"), torch.randint(0, NUM_CLASSES, (batch,), device="cuda"))
-        for _ in range(4)
-    ]
+    if config == "nuance_step":
+        step = _nuance_step(model_name, batch)
+    else:
+        step = {"diffusers_anchor": _anchor_step, "plain_compile": _plain_step}[config](model_name)
+    inputs = [_inputs(model_name, batch, "cuda") for _ in range(4)]
     for i in range(warmup):
         step(*inputs[i % 4])
     torch.cuda.synchronize()
@@ -169,7 +199,7 @@ def run_loop(config: str, batch: int, warmup: int, steps: int) -> dict:
                 step(*inputs[i % 4])
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
-        Path(profile_dir, f"profile_{config}.txt").write_text(table)
+        Path(profile_dir, f"profile_{model_name}_{config}.txt").write_text(table)
     return result
 
 
@@ -270,7 +300,7 @@ def run_loader(args, source: str) -> dict:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="dit_xl2", choices=["dit_xl2"])
+    p.add_argument("--model", default="dit_xl2", choices=sorted(MODELS))
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--steps", type=int, default=60)
@@ -288,8 +318,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    shard_rows = {"nuance_train", "loader"} & set(args.configs.split(","))
+    if not args.worker and args.model != "dit_xl2" and shard_rows:
+        p.error("--configs nuance_train / loader are DiT-XL/2 rows (class-labelled latent shards)")
     if args.worker:
-        print(json.dumps(run_loop(args.worker, args.batch, args.warmup, args.steps)))
+        print(json.dumps(run_loop(args.model, args.worker, args.batch, args.warmup, args.steps)))
         return
     import torch
 
@@ -298,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     configs = args.configs.split(",")
     results: list[dict] = []
     if args.append and Path(args.json).is_file():  # a later call of the same session adds its rows
-        results = [r for r in json.loads(Path(args.json).read_text()) if r["config"] not in configs]
+        old = json.loads(Path(args.json).read_text())
+        results = [r for r in old if (r["model"], r["config"]) not in {(args.model, c) for c in configs}]
 
     def add(config: str, measured: dict) -> None:
         row = {"model": args.model, "config": config, "batch": args.batch, "device": device, **measured}
@@ -311,8 +345,13 @@ def main(argv: list[str] | None = None) -> None:
 
     for config in [c for c in configs if c in LOOP_CONFIGS]:
         cmd = [sys.executable, __file__, "--worker", config, "--json", "-", f"--batch={args.batch}",
+               f"--model={args.model}",
                f"--warmup={args.warmup}", f"--steps={args.steps}"]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:  # e.g. the U-Net's compile: the row says so, the others still run
+            add(config, {"error": f"timed out after {args.timeout} s"})
+            continue
         if proc.returncode != 0:
             add(config, {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"})
             print(proc.stderr[-3000:], file=sys.stderr)

@@ -57,6 +57,7 @@ def build_stream(
         latent_shape=latent_shape,
         require_caption=cfg.require_caption,
         max_bad_fraction=cfg.max_bad_fraction,
+        on_missing_shard=cfg.on_missing_shard,
     )
 
 

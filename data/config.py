@@ -33,6 +33,13 @@ class DataMode(StrEnum):
     """Shards drawn with replacement, seeded per worker."""
 
 
+class OnMissingShard(StrEnum):
+    fail = "fail"
+    """Stop the run with one line naming the shard's URL and why it could not be read."""
+    skip = "skip"
+    """Skip the shard; its samples (from the manifest) count as bad data, with a warning per shard."""
+
+
 @dataclass
 class DataConfig:
     source: str = "toy"
@@ -54,7 +61,11 @@ class DataConfig:
     require_caption: bool = False
     """Count samples without a caption as bad data instead of training on an empty caption."""
     max_bad_fraction: float = 0.05
-    """Fail the run when more than this fraction of samples is bad (corrupt, undecodable, wrong shape)."""
+    """Fail the run when more than this fraction of samples is bad (corrupt, undecodable, wrong shape,
+    in skipped shards); counted in samples, a lost shard by its manifest's sample count."""
+    on_missing_shard: OnMissingShard = OnMissingShard.fail
+    """A shard that is missing, forbidden (403) or unreachable once NUANCE_S3_RETRY_SECONDS are spent:
+    fail (stop the run, naming the URL and the reason) | skip (count its samples as bad, warn)."""
     toy_samples: int = 2048
     cache_dir: str = "~/.cache/nuance"
     """Where the toy dataset is written."""

@@ -35,7 +35,8 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 LATENT_FIELDS = ("latent_mean.npy", "latent_logvar.npy", "latent.npy")
 
 # Why a sample (or a shard) was skipped; the keys of ShardStream.bad_counts.
-CORRUPT_SHARD = "corrupt_shard"  # tar unreadable or truncated: the rest of the shard is lost (1 per read)
+CORRUPT_SHARD = "corrupt_shard"  # tar unreadable or truncated: the rest of the shard is lost (its samples)
+MISSING_SHARD = "missing_shard"  # missing / forbidden / unreachable, skipped (data.on_missing_shard=skip)
 UNDECODABLE_IMAGE = "undecodable_image"
 UNDECODABLE_ARRAY = "undecodable_array"  # a .npy member that numpy cannot load
 MISSING_CAPTION = "missing_caption"  # only with require_caption=True
@@ -45,6 +46,7 @@ WRONG_LATENT_DTYPE = "wrong_latent_dtype"
 BAD_METADATA = "bad_metadata"  # txt not UTF-8, cls not an integer, json invalid
 BAD_REASONS = (
     CORRUPT_SHARD,
+    MISSING_SHARD,
     UNDECODABLE_IMAGE,
     UNDECODABLE_ARRAY,
     MISSING_CAPTION,
@@ -268,7 +270,25 @@ def _load_npy(data: bytes) -> np.ndarray:
             if dtype.kind in "biuf" and len(data) - offset == count * dtype.itemsize:
                 order = "F" if match.group(2) == "True" else "C"
                 return np.frombuffer(data, dtype, count, offset).reshape(shape, order=order)
+    _check_npy_size(data)
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _check_npy_size(data: bytes) -> None:
+    """ValueError when a .npy header claims more data than the member holds: ``np.load`` would first
+    allocate the claimed array (terabytes for a corrupt shape), then find the data missing."""
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+    except ValueError:
+        return  # not a .npy array at all: np.load says what it is
+    read_header = (
+        np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    )
+    shape, _, dtype = read_header(buffer)
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed > len(data) - buffer.tell():
+        raise ValueError(f"header claims {claimed} bytes of {dtype} {shape}, the member holds {len(data)}")
 
 
 def _array(sample: dict[str, Any], name: str) -> np.ndarray:

@@ -25,11 +25,11 @@ import os
 import posixpath
 import tarfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nuance.data import storage
-from nuance.data.model_folders import MINILM, model_folder
+from nuance.data.model_folders import MINILM, is_pipeline_folder, model_folder, pipeline_configs
 
 SHARDS_FORMAT = "nuance-shards-v1"
 LATENTS_FORMAT = "nuance-latents-v1"
@@ -193,6 +193,24 @@ class PartialManifest:
         self._last_write, self._dirty = now, False
 
 
+def shard_sample_counts(urls: Sequence[str]) -> dict[str, int]:
+    """The sample count of each shard in ``urls`` that the ``manifest.json`` beside it records (one read
+    per folder). Folders without a readable manifest add nothing: their counts are unknown."""
+    by_folder: dict[str, list[tuple[str, str]]] = {}
+    for url in urls:
+        folder, name = (posixpath if "://" in url else os.path).split(url)
+        by_folder.setdefault(folder, []).append((url, name))
+    counts: dict[str, int] = {}
+    for folder, members in by_folder.items():
+        try:
+            manifest = read_manifest_if_any(folder)
+        except (OSError, ValueError):  # unreadable or invalid: counts unknown, as without a manifest
+            continue
+        shards = manifest["shards"] if manifest else {}
+        counts.update((url, shards[name]) for url, name in members if name in shards)
+    return counts
+
+
 def count_shard_samples(url: str) -> int:
     """Number of samples (distinct keys) in the tar shard ``url``.
 
@@ -247,6 +265,8 @@ def encoder_identity(path_or_name: str, config: Mapping[str, Any] | None = None)
     if not isinstance(path_or_name, str) or not path_or_name:
         raise ValueError(f"path_or_name must be a model folder or 'minilm', got {path_or_name!r}")
     folder, recorded = _model_folder(path_or_name)
+    if config is None and is_pipeline_folder(folder):  # a stock pipeline folder: all of its parts' configs
+        config = pipeline_configs(folder)
     if config is None:
         config_file = os.path.join(folder, "config.json")
         if not os.path.isfile(config_file):

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import IO, Any
 
+from nuance.data.retries import retry_while
 from nuance.data.shards import _SHARD_ERRORS, _local_path, open_url
+
+
+def _missing_or_forbidden(exc: BaseException) -> bool:
+    """Whether opening a shard failed with 404 / 403 (or a local missing file / permission)."""
+    return isinstance(exc, (FileNotFoundError, PermissionError))
 
 
 class _OpenAhead:
@@ -29,6 +35,12 @@ class _OpenAhead:
         if isinstance(opened, BaseException):
             raise opened
         return opened
+
+    def open_retrying(self, url: str) -> IO[bytes]:
+        """``open(url)``, retrying a missing or forbidden shard for up to ``NUANCE_S3_RETRY_SECONDS``
+        (a shard still being uploaded, credentials being renewed); transient failures were already
+        retried inside ``data.storage``. An error met opening ahead counts as the first attempt."""
+        return retry_while(_missing_or_forbidden, f"opening shard {url}", self.open, url)
 
     def ahead(self, url: str | None) -> None:
         """Open ``url`` (the next shard) now when it is remote and its reader can start fetching."""

@@ -17,7 +17,10 @@ Latent shard format (``nuance-latents-v1``), per sample (same ``__key__`` as the
   draw and ``VAE.decode(mean')`` decodes;
 - ``text.npy`` float16 (T, D) last hidden state, ``mask.npy`` uint8 (T,) attention mask, ``pooled.npy``
   float16 (D,) masked mean of ``text`` -- as ``trainers.models.encoders.TextEncoder`` computes them,
-  with T = ``max_length``;
+  with T = ``max_length``; for a stock SDXL / SD3 / Flux pipeline folder, every embedding its model takes,
+  as ``trainers.models.text_stacks.TextStack`` (= the stock ``encode_prompt``) makes them: ``text`` the
+  joint sequence (SDXL 77 x 2048, SD3 (77 + 256) x 4096, Flux 512 x 4096), ``mask`` all ones,
+  ``pooled`` (P,) the pooled vector (SDXL 1280, SD3 2048, Flux 768);
 - ``txt`` and ``cls`` copied from the input when present; ``json``: the input's json plus
   ``original_size`` [h, w] (before any downscale by ``data.sharding``) and ``crop`` [top, left].
 
@@ -51,7 +54,14 @@ from nuance.data.manifest import (
     read_manifest_if_any,
     split_member_name,
 )
-from nuance.data.model_folders import MINILM, model_folder, read_model_config, vae_downsampling
+from nuance.data.model_folders import (
+    MINILM,
+    model_folder,
+    read_model_config,
+    text_stack_kind,
+    text_stack_shape,
+    vae_downsampling,
+)
 
 STORE_MODES = ("mean_logvar", "sample")
 LATENT_DTYPE = "float16"
@@ -65,7 +75,7 @@ _DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, Image.Decompressio
 
 def latent_shape(vae: str, image_size: int) -> tuple[int, int, int]:
     """(C, h, w) of the latents ``vae`` (an AutoencoderKL folder) makes from ``image_size`` squares."""
-    config = read_model_config(vae, "vae")
+    config = read_model_config(vae, "vae", part="vae")
     if "latent_channels" not in config or "block_out_channels" not in config:
         raise ValueError(
             f"vae: '{vae}' is not an AutoencoderKL folder (its config.json has no latent_channels)"
@@ -77,6 +87,15 @@ def latent_shape(vae: str, image_size: int) -> tuple[int, int, int]:
         )
     side = image_size // downsample
     return (int(config["latent_channels"]), side, side)
+
+
+def text_shape(text_encoder: str, max_length: int, t5_max_length: int | None = None) -> list[int]:
+    """[T, D] of the ``text.npy`` arrays ``text_encoder`` makes: a stock SDXL / SD3 / Flux pipeline
+    folder's text stack (``model_folders.text_stack_shape``), else ``max_length`` tokens of one encoder."""
+    if text_stack_kind(text_encoder) is not None:
+        tokens, width, _ = text_stack_shape(text_encoder, t5_max_length)
+        return [tokens, width]
+    return [max_length, text_hidden_size(text_encoder)]
 
 
 def text_hidden_size(text_encoder: str) -> int:
@@ -317,7 +336,7 @@ def manifest_fields(
     src_manifest: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The latents-specific fields of the output manifest: shapes, latent space, encoder identities."""
-    vae_config = read_model_config(vae, "vae")
+    vae_config = read_model_config(vae, "vae", part="vae")
     fields: dict[str, Any] = {
         "latent_shape": list(shape),
         "latent_dtype": LATENT_DTYPE,

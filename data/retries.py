@@ -122,11 +122,19 @@ class _Backoff:
 
 def with_retries(what: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``func(*args, **kwargs)``, retrying transient failures under the backoff policy."""
+    return retry_while(is_transient, what, func, *args, **kwargs)
+
+
+def retry_while(
+    retryable: Callable[[BaseException], bool], what: str, func: Callable[..., T], *args: Any, **kwargs: Any
+) -> T:
+    """``func(*args, **kwargs)``, retrying the failures ``retryable`` accepts under the backoff policy
+    (``with_retries`` is this for transient failures; a shard that is missing is retried the same way)."""
     backoff = _Backoff(what)
     while True:
         try:
             return func(*args, **kwargs)
         except Exception as exc:
-            if not is_transient(exc):
+            if not retryable(exc):
                 raise
             backoff.wait(exc)

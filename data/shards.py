@@ -24,6 +24,8 @@ from nuance.data.decode import read_tar
 # Distinct first entries keep the RNG streams of different purposes independent.
 _SHARD_ORDER, _SAMPLE_SHUFFLE, _AUGMENT, _RESAMPLE = 0, 1, 2, 3
 _GLOB_CHARS = "*?["
+# Names taken as shard objects without listing (anything else remote is first looked at as a prefix).
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # What reading a damaged or vanished shard raises (tarfile, the gzip layer, the file system).
 _SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error, ValueError)
 
@@ -67,7 +69,16 @@ def _expand_one(url: str, spec: Any) -> list[str]:
     glob -> the matching shards (sorted); a local file is checked; other remote URLs are kept as they are."""
     local = _local_path(url)
     if local is None:  # remote: single objects are checked when opened, in the workers
-        return _list_remote(url) if url.endswith("/") or any(c in url for c in _GLOB_CHARS) else [url]
+        if url.endswith("/") or any(c in url for c in _GLOB_CHARS):
+            return _list_remote(url)
+        if url.endswith(_SHARD_SUFFIXES):
+            return [url]
+        # A prefix given without its "/": S3 has no directories (AWS answers its HEAD with 404), so look
+        # for shards under it; an object of that name is kept when there are none (or listing is denied).
+        try:
+            return _list_remote(url + "/") or [url]
+        except PermissionError:
+            return [url]
     prefix = url[: len(url) - len(local)]  # keep "file://" when the path was given as a URL
     if os.path.isdir(local):
         names = sorted(n for n in os.listdir(local) if n.endswith(".tar"))
@@ -83,9 +94,11 @@ def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     """Turn a shard spec into a list of shard URLs.
 
     ``spec`` is a brace pattern (``data/shard-{000000..000009}.tar``), a local directory (its ``*.tar``
-    files, sorted by name), a glob (``data/*.tar``, ``s3://b/shards/*.tar``), a remote prefix ending in
-    ``/`` (``s3://b/shards/``: its ``*.tar``), a URL (``file:///...``, ``s3://...``) or a list of any of
-    these. Local shards must exist; single remote ones are checked when opened. Remote listing goes
+    files, sorted by name), a glob (``data/*.tar``, ``s3://b/shards/*.tar``), a remote prefix with or
+    without its ``/`` (``s3://b/shards/``, ``s3://b/shards``: its ``*.tar``; a remote name without a
+    ``.tar`` suffix and without shards under it is one object), a URL (``file:///...``, ``s3://...``) or
+    a list of any of these. Local shards must exist; single remote ones are checked when opened. Remote
+    listing goes
     through ``data.storage.list_urls`` when that module is available, else fsspec.
     """
     if isinstance(spec, (str, os.PathLike)):

@@ -37,10 +37,17 @@ round starts over with fresh draws (there is nothing to cover exactly when drawi
 
 **Bad data** never stops the stream: unreadable or truncated shards (the rest of the shard is skipped),
 undecodable images or arrays, missing captions (with ``require_caption``), missing image/latent, wrong
-latent shape or dtype, bad metadata -- each skipped and counted per reason (``data.decode.BAD_REASONS``).
+latent shape or dtype, bad metadata -- each skipped and counted per reason (``data.decode.BAD_REASONS``),
+in samples: a shard cut short counts the samples it did not deliver, by the count its folder's
+``manifest.json`` records (without one: the mean size of the shards known so far, at least 1).
 Workers report each bad sample with the next batch they send; counts are kept in the state, so they
 survive a resume without counting anything twice. ``max_bad_fraction`` turns too much bad data into a
 ``BadDataError``.
+
+**Lost shards** are not bad data: a shard that is missing, forbidden or unreachable (after the retries of
+``data.storage``, and after retrying a missing or forbidden one for ``NUANCE_S3_RETRY_SECONDS``) raises
+``ShardUnavailableError``, one line naming the URL and the reason -- unless ``on_missing_shard="skip"``:
+then its samples count as ``missing_shard`` bad data and each such shard is logged as a warning.
 
 **Modules.** ``data.shards`` (shard URLs, opening and reading a shard, dealing shards to ranks),
 ``data.openahead`` (the next S3 shard opened early), ``data.position`` (the resume record) and
@@ -49,6 +56,7 @@ survive a resume without counting anything twice. ``max_bad_fraction`` turns too
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -58,8 +66,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from nuance.data.buckets import make_buckets
-from nuance.data.config import DataMode
-from nuance.data.decode import IMAGE_EXTENSIONS, DecodeSpec, concat_batches, split_batch
+from nuance.data.config import DataMode, OnMissingShard
+from nuance.data.decode import IMAGE_EXTENSIONS, MISSING_SHARD, DecodeSpec, concat_batches, split_batch
+from nuance.data.manifest import shard_sample_counts
 from nuance.data.position import _EpochRecord, _Ranges
 from nuance.data.shards import expand_urls, iter_tar_samples, open_url, rank_shards
 from nuance.data.stream_workers import _Settings, _ShardDataset
@@ -68,6 +77,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "BadDataError",
     "ShardStream",
+    "ShardUnavailableError",
     "expand_urls",
     "iter_tar_samples",
     "open_url",
@@ -90,10 +100,16 @@ _ORDER_FIELDS = (
 # Of those, the ones that decide which samples a rank reads in an epoch: a change voids the position.
 _COVERAGE_FIELDS = ("seed", "rank", "world_size", "num_shards", "mode")
 _PREFETCH_FACTOR = 2
+logger = logging.getLogger(__name__)
 
 
 class BadDataError(ValueError):
     """More bad samples than ``max_bad_fraction`` allows (raised by the stream, in the main process)."""
+
+
+class ShardUnavailableError(RuntimeError):
+    """A shard is missing, forbidden or unreachable and ``on_missing_shard`` is "fail" (one-line message
+    naming the URL and the reason; raised by the stream, in the main process)."""
 
 
 class ShardStream:
@@ -143,6 +159,7 @@ class ShardStream:
         require_caption: bool = False,
         max_bad_fraction: float | None = None,
         min_samples_for_bad_check: int = 200,
+        on_missing_shard: str = OnMissingShard.fail,
     ) -> None:
         self.settings = _Settings(
             rank=rank,
@@ -162,6 +179,7 @@ class ShardStream:
             require_caption=require_caption,
             max_bad_fraction=max_bad_fraction,
             min_samples_for_bad_check=min_samples_for_bad_check,
+            on_missing_shard=str(on_missing_shard),
         )
         self.buckets: list[tuple[int, int]] | None = (
             make_buckets(image_size, bucket_step) if bucketing else None
@@ -182,6 +200,9 @@ class ShardStream:
         self._batches_in_epoch = 0
         self._samples_seen = 0
         self._bad_counts: Counter[str] = Counter()
+        self._bad_shards: Counter[str] = Counter()
+        self._shard_samples: dict[str, int] | None = None  # from the manifests, read at the first lost shard
+        self._finished = [0, 0]  # samples in, and number of, shards read to their end: their typical size
         self._record = _EpochRecord(self.settings.workers)
         self._generation = 0  # bumped by iter()/load_state_dict(); older iterators then refuse to continue
 
@@ -214,8 +235,14 @@ class ShardStream:
 
     @property
     def bad_counts(self) -> dict[str, int]:
-        """Skipped samples per reason (``corrupt_shard`` counts shards), including before a resume."""
+        """Skipped samples per reason, including before a resume (``corrupt_shard`` / ``missing_shard``:
+        the samples those shards did not deliver)."""
         return {reason: n for reason, n in sorted(self._bad_counts.items()) if n}
+
+    @property
+    def bad_shards(self) -> dict[str, int]:
+        """Shards cut short (``corrupt_shard``) or skipped (``missing_shard``), including before a resume."""
+        return {reason: n for reason, n in sorted(self._bad_shards.items()) if n}
 
     @property
     def bad_fraction(self) -> float:
@@ -246,6 +273,7 @@ class ShardStream:
             "samples_seen": self._samples_seen,
             **self._order_values(),
             "bad_counts": self.bad_counts,
+            "bad_shards": self.bad_shards,
             "position": self._record.to_state(),
         }
 
@@ -276,6 +304,7 @@ class ShardStream:
         self._epoch, self._batches_in_epoch = state["epoch"], state["batches_in_epoch"]
         self._samples_seen = int(state.get("samples_seen", 0))
         self._bad_counts = Counter(counts)
+        self._bad_shards = Counter(state.get("bad_shards", {}))
         self._record = _EpochRecord(self.settings.workers)
         if lost:
             consequence = f"the position within epoch {self._epoch} is dropped ({', '.join(lost)} changed)"
@@ -323,15 +352,20 @@ class ShardStream:
     def _batches(self, generation: int) -> Iterator[dict[str, Any]]:
         """The generator behind ``__iter__``: items -> batches, recording what is handed out."""
         loader = self._loader(self._epoch)
-        while True:
-            carry: dict[str, dict[str, Any]] = {}  # group -> samples of final items waiting for a full batch
-            for item in loader:
-                self._check_fresh(generation)
-                for batch, from_final in self._receive(item, carry):
+        try:
+            while True:
+                carry: dict[str, dict[str, Any]] = {}  # group -> samples of final items not yet batched
+                for item in loader:
                     self._check_fresh(generation)
-                    self._hand_out(batch, from_final)
-                    yield batch
-            self._end_epoch()
+                    for batch, from_final in self._receive(item, carry):
+                        self._check_fresh(generation)
+                        self._hand_out(batch, from_final)
+                        yield batch
+                self._end_epoch()
+        finally:
+            # Stop the DataLoader workers now (error, or generator closed): left to the garbage collector,
+            # their shutdown can run inside an import and wait out its timeouts (5 s per worker).
+            del loader
 
     def _receive(self, item: dict[str, Any], carry: dict[str, dict[str, Any]]) -> list[tuple[dict, bool]]:
         """Account for one worker item; returns the batches it completes, each with "from a final item"."""
@@ -341,6 +375,8 @@ class ShardStream:
                 f"internal error: worker epoch {meta['epoch']} does not match epoch {self._epoch}"
             )
         self._note_reports(meta)
+        if meta["kind"] == "failed":
+            raise ShardUnavailableError(f"rank {self.settings.rank}: {meta['error']}")
         self._check_bad_fraction()
         worker, parts = meta["worker"], item["parts"]
         if meta["kind"] == "marker":  # delivered before the resume: already in the record
@@ -372,12 +408,35 @@ class ShardStream:
             if index not in seen:
                 seen.add(index)
                 self._bad_counts[reason] += 1
-        for source, count, error in meta["ends"]:
+        for source, count, error, url, detail in meta["ends"]:
             # A shard failing short of its known size was damaged since it was read: a new failure.
             new_failure = source not in self._record.sizes or count < self._record.sizes[source]
-            self._record.sizes.setdefault(source, count)
             if error and new_failure:
-                self._bad_counts[error] += 1
+                self._count_lost(url, count, error, detail)
+            elif not error:
+                self._finished = [self._finished[0] + count, self._finished[1] + 1]
+            self._record.sizes.setdefault(source, count)
+
+    def _count_lost(self, url: str, delivered: int, reason: str, detail: str) -> None:
+        """Count the samples a failed shard did not deliver as bad (``reason``); warn for a skipped one."""
+        if self._shard_samples is None:
+            self._shard_samples = shard_sample_counts(self.urls)
+        total = self._shard_samples.get(url)
+        if total is None:  # no manifest: the shards in one, or else those read to their end, tell the size
+            known = list(self._shard_samples.values())
+            samples, shards = (sum(known), len(known)) if known else self._finished
+            total = round(samples / shards) if shards else 0
+        lost = max(1, total - delivered)
+        self._bad_counts[reason] += lost
+        self._bad_shards[reason] += 1
+        if reason == MISSING_SHARD:
+            logger.warning(
+                "rank %d: skipped shard %s (%s): %d sample(s) counted as bad (data.on_missing_shard=skip)",
+                self.settings.rank,
+                url,
+                detail,
+                lost,
+            )
 
     def _hand_out(self, batch: dict[str, Any], from_final: bool) -> None:
         """Record ``batch`` as handed to the trainer and strip the fields only the stream uses."""

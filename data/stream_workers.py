@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from nuance.data.config import DataMode
-from nuance.data.decode import CORRUPT_SHARD, BadSample, DecodeSpec, collate, decode_sample
+from nuance.data.config import DataMode, OnMissingShard
+from nuance.data.decode import CORRUPT_SHARD, MISSING_SHARD, BadSample, DecodeSpec, collate, decode_sample
 from nuance.data.openahead import _OpenAhead
 from nuance.data.position import _Position, _Ranges
+from nuance.data.retries import RetriesExhausted, is_transient
 from nuance.data.shards import (
     _AUGMENT,
     _RESAMPLE,
@@ -66,6 +67,22 @@ def _dtype_kind(name: str) -> str:
         return ""
 
 
+def unavailable_reason(exc: BaseException) -> str | None:
+    """Why a shard could not be fetched at all -- "missing", "forbidden" or "unreachable" -- or None when
+    ``exc`` is about its bytes (truncated, not a tar, changed while read): those are corrupt shards."""
+    if isinstance(exc, RetriesExhausted) and isinstance(exc.__cause__, (FileNotFoundError, PermissionError)):
+        exc = exc.__cause__  # missing or forbidden for as long as retrying it was worth it
+    if isinstance(exc, FileNotFoundError):
+        return "missing"
+    if isinstance(exc, PermissionError):
+        return "forbidden"
+    return "unreachable" if isinstance(exc, RetriesExhausted) or is_transient(exc) else None
+
+
+class _ShardUnavailable(Exception):
+    """A shard could not be fetched and ``on_missing_shard`` is "fail": ends the worker's epoch."""
+
+
 @dataclass(frozen=True)
 class _Settings:
     """The arguments that fix one rank's batches; small and picklable, validated on creation."""
@@ -87,6 +104,7 @@ class _Settings:
     require_caption: bool
     max_bad_fraction: float | None
     min_samples_for_bad_check: int
+    on_missing_shard: str = OnMissingShard.fail
 
     def __post_init__(self) -> None:
         """Raise ValueError for values the stream cannot work with."""
@@ -107,6 +125,9 @@ class _Settings:
             raise ValueError(
                 f"latent_dtype must be a float dtype such as 'float16', got {self.latent_dtype!r}"
             )
+        policies = tuple(policy.value for policy in OnMissingShard)
+        if self.on_missing_shard not in policies:
+            raise ValueError(f"on_missing_shard must be one of {policies}, got {self.on_missing_shard!r}")
         if self.max_bad_fraction is not None and not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1] or None, got {self.max_bad_fraction}")
 
@@ -180,31 +201,44 @@ class _WorkerEpoch:
                 if self._read_before(source):  # nothing left in it: do not even open it
                     yield from ((source, k, None) for k in range(size))
                     continue
-                count, error = 0, ""
+                count, error, detail = 0, "", ""
                 try:
-                    samples = _tar_samples(url, lambda k, d=done: k not in d, size, opener.open)
+                    samples = _tar_samples(url, lambda k, d=done: k not in d, size, opener.open_retrying)
                     for sample in samples:
                         if count == 0:  # this shard is open: open the next one to be read
                             later = (u for s, u in sources[i + 1 :] if not self._read_before(s))
                             opener.ahead(next(later, None))
                         yield source, count, sample
                         count += 1
-                except _SHARD_ERRORS:
-                    error = CORRUPT_SHARD
+                except _SHARD_ERRORS as exc:
+                    error, detail = self._shard_error(url, exc)
                 # A shard whose size is known ends quietly at that size; failing before it means it changed.
                 if size is None or (error and count < size):
-                    self.ends.append([source, count, error])
+                    self.ends.append([source, count, error, url, detail])
         finally:
             opener.close()
+
+    def _shard_error(self, url: str, exc: BaseException) -> tuple[str, str]:
+        """(reason, detail) of a shard that failed: corrupt bytes are skipped; a shard that could not be
+        fetched ends the epoch (``_ShardUnavailable``) unless ``on_missing_shard`` is "skip"."""
+        reason, detail = unavailable_reason(exc), " ".join(f"{type(exc).__name__}: {exc}".split())
+        if reason is None:
+            return CORRUPT_SHARD, detail
+        if self.cfg.on_missing_shard == OnMissingShard.fail:
+            raise _ShardUnavailable(
+                f"shard {url} is {reason} ({detail}); data.on_missing_shard=skip trains without such shards"
+            )
+        return MISSING_SHARD, f"{reason}: {detail}"
 
     def _read_before(self, source: int) -> bool:
         """Whether every sample of ``source`` was handed out (or found bad) before a resume."""
         size = self.sizes.get(source)
         return size is not None and self.done.get(source, _Ranges()).covers(size)
 
-    def _item(self, parts: list[dict], kind: str) -> dict[str, Any]:
+    def _item(self, parts: list[dict], kind: str, error: str = "") -> dict[str, Any]:
         """One message to the main process, carrying the reports gathered since the last one."""
         meta = {"epoch": self.epoch, "worker": self.worker, "kind": kind, "bad": self.bad, "ends": self.ends}
+        meta["error"] = error
         self.bad, self.ends = [], []
         return {"parts": parts, "meta": meta}
 
@@ -215,21 +249,25 @@ class _WorkerEpoch:
             yield self._item([], "marker")
         shuffle_rng = _rng(_SAMPLE_SHUFFLE, cfg.seed, self.epoch, cfg.rank, self.worker)
         groups: dict[str, list[dict[str, Any]]] = {}
-        for source, index, sample in _buffer_shuffle(self._read(), cfg.shuffle_buffer, shuffle_rng):
-            if sample is None:
-                continue
-            try:
-                group, fields = decode_sample(
-                    sample, self.ds.spec, [_AUGMENT, cfg.seed, self.epoch, source, index]
-                )
-            except BadSample as exc:
-                self.bad.append([source, index, exc.reason])
-                continue
-            fields["_src"] = (source, index, self.worker)
-            buffer = groups.setdefault(group, [])
-            buffer.append(fields)
-            if len(buffer) == cfg.batch_size:
-                yield self._item([collate(buffer, group)], "batch")
-                groups[group] = []
+        try:
+            for source, index, sample in _buffer_shuffle(self._read(), cfg.shuffle_buffer, shuffle_rng):
+                if sample is None:
+                    continue
+                try:
+                    group, fields = decode_sample(
+                        sample, self.ds.spec, [_AUGMENT, cfg.seed, self.epoch, source, index]
+                    )
+                except BadSample as exc:
+                    self.bad.append([source, index, exc.reason])
+                    continue
+                fields["_src"] = (source, index, self.worker)
+                buffer = groups.setdefault(group, [])
+                buffer.append(fields)
+                if len(buffer) == cfg.batch_size:
+                    yield self._item([collate(buffer, group)], "batch")
+                    groups[group] = []
+        except _ShardUnavailable as exc:  # the main process raises it, as one line
+            yield self._item([], "failed", str(exc))
+            return
         # Sorted, so the final item does not depend on which group happened to come first.
         yield self._item([collate(groups[g], g) for g in sorted(groups) if groups[g]], "final")

@@ -35,6 +35,12 @@ _COMPRESSED = (
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, FIFOs: size is not data
 _PAX, _PAX_GLOBAL, _GNU_LONG_NAME, _GNU_LONG_LINK, _GNU_SPARSE = b"x", b"g", b"L", b"K", b"S"
+# Largest member size accepted (8 EiB, tar's own limit): a corrupt size field beyond it, or a negative
+# one (base-256), is a damaged shard, not a read of that many bytes.
+_MAX_SIZE = 2**63 - 1
+# Members are read in pieces of at most this size, so a size field that claims more than the archive holds
+# costs what the archive holds, not a buffer of the claimed size.
+_CHUNK = 2**24
 
 
 def _padding(size: int) -> int:
@@ -104,23 +110,25 @@ class TarReader:
         self._unread = 0  # data + padding of the current member not consumed yet
         self._size = 0  # data size of the current member, while it is unread
 
-    def _read(self, size: int) -> bytes:
-        """Exactly ``size`` bytes, or ReadError when the archive ends first."""
-        data = self._file.read(size)
-        while len(data) < size:  # raw and decompressing streams may return less than asked
-            more = self._file.read(size - len(data))
-            if not more:
+    def _read(self, size: int, keep: bool = True) -> bytes:
+        """Exactly ``size`` bytes (b"" when not ``keep``), or ReadError when the archive ends first."""
+        parts, got = [], 0
+        while got < size:  # raw and decompressing streams may return less than asked
+            part = self._file.read(min(size - got, _CHUNK))
+            if not part:
                 raise tarfile.ReadError(
-                    f"truncated tar: archive ends at byte {self._offset + len(data)}, inside a member"
+                    f"truncated tar: archive ends at byte {self._offset + got}, inside a member"
                 )
-            data += more
+            got += len(part)
+            if keep:
+                parts.append(part)
         self._offset += size
-        return data
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _skip_unread(self) -> None:
         """Consume what is left of the current member."""
         if self._unread:
-            self._read(self._unread)
+            self._read(self._unread, keep=False)
             self._unread = self._size = 0
 
     def _header(self) -> bytes | None:
@@ -149,8 +157,10 @@ class TarReader:
             header = self._header()
             if header is None:
                 return
-            kind, header_size = header[156:157], self._number(header[124:136])
+            kind, header_size = header[156:157], self._size_field(self._number(header[124:136]))
             if kind in (_PAX, _PAX_GLOBAL, _GNU_LONG_NAME, _GNU_LONG_LINK):
+                if header_size > _CHUNK:
+                    raise tarfile.ReadError(f"corrupt tar: extension header of {header_size} bytes")
                 data = self._read(header_size + _padding(header_size))[:header_size]
                 if kind == _GNU_LONG_NAME:
                     name = _text(data)
@@ -162,13 +172,13 @@ class TarReader:
             if name is None:
                 name, prefix = _text(header[:100]), _text(header[345:500])
                 name = f"{prefix}/{name}" if prefix else name
-            member_size = header_size if size is None else size
+            member_size = header_size if size is None else self._size_field(size)
             if kind in _REGULAR and not name.endswith("/"):  # a '\0' member named "x/" is a directory
                 self._size = member_size
                 self._unread = member_size + _padding(member_size)
                 yield name
             elif kind not in _NO_DATA:
-                self._read(member_size + _padding(member_size))
+                self._read(member_size + _padding(member_size), keep=False)
             name = size = None
 
     def read(self) -> bytes:
@@ -185,6 +195,12 @@ class TarReader:
         except ValueError:
             where = self._offset - BLOCK
             raise tarfile.ReadError(f"corrupt tar: bad number in the header at byte {where}") from None
+
+    def _size_field(self, size: int) -> int:
+        """``size`` when it can be a member's size, else ReadError (a corrupt header)."""
+        if not 0 <= size <= _MAX_SIZE:
+            raise tarfile.ReadError(f"corrupt tar: member size {size} before byte {self._offset}")
+        return size
 
     def _pax(self, data: bytes, name: str | None, size: int | None) -> tuple[str | None, int | None]:
         """(name, size) for the next member after a pax header; ReadError for what cannot be read."""

@@ -11,7 +11,10 @@ CPU example: `nuance train quickstart train.max_steps=50`.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+from pathlib import Path
 
 from nuance.orchestration.recipe import RecipeError, load_recipe, preflight, recipe_to_yaml
 from nuance.trainers.config import Sampler
@@ -33,17 +36,18 @@ def cmd_recipe_show(ns: argparse.Namespace) -> int:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from nuance.orchestration.launch import run_dir_for, train
+    from nuance.orchestration.launch import check_run, run_dir_for, train
 
     name, overrides = _split_recipe_args(ns.args)
     recipe, path = load_recipe(name, overrides)
     preflight(recipe, str(path))
+    recipe = check_run(recipe, str(path))  # Ray address, S3, data source: before Ray starts
     run_dir = run_dir_for(recipe)
     print(f"[nuance] recipe {path} -> run '{recipe.name}' in {run_dir}", flush=True)
     try:
-        result = train(recipe)
-    except (RecipeError, ValueError, FileNotFoundError):
-        raise  # the driver's own checks: main() prints them as one line
+        result = train(recipe, checked=True)
+    except (RecipeError, ValueError, FileNotFoundError, OSError):
+        raise  # the driver's own checks and storage errors: main() prints them as one line
     except Exception as err:  # Ray Train raises TrainingFailedError when the workers fail
         return _training_failed(err)
     if result.error is not None:
@@ -64,14 +68,38 @@ def _training_failed(error: BaseException) -> int:
 
     print(f"[nuance] run failed: {error}", file=sys.stderr, flush=True)
     ray.shutdown()  # stops the streaming of worker logs, so that the summary below stays the last line
-    text = str(error)
-    hints = [line[line.index(OOM_PREFIX) :] for line in text.splitlines() if OOM_PREFIX in line]
-    summary = hints[-1] if hints else f"training failed: {(text.strip().splitlines() or ['?'])[0]}"
-    print(f"nuance: error: {summary}", file=sys.stderr, flush=True)
+    print(f"nuance: error: {failure_summary(str(error), OOM_PREFIX)}", file=sys.stderr, flush=True)
     return 1
 
 
+# The exception a worker raised, as its traceback's last line shows it ("ShardUnavailableError: rank 0:
+# shard s3://... is missing ..."); Ray's own wrappers around it are not the cause.
+_ERROR_LINE = re.compile(r"\b([A-Z]\w*(?:Error|Exception)): (\S.*)")
+_WRAPPERS = ("Ray", "Training", "WorkerGroup", "ActorDied")
+
+
+def failure_summary(text: str, oom_prefix: str) -> str:
+    """One line for a failed run: the worker's out-of-memory hint, else the exception it raised, else the
+    error's first line."""
+    lines = text.splitlines()
+    hints = [line[line.index(oom_prefix) :] for line in lines if oom_prefix in line]
+    if hints:
+        return hints[-1]
+    raised = [m for line in lines if (m := _ERROR_LINE.search(line)) and not m.group(1).startswith(_WRAPPERS)]
+    if raised:
+        return f"training failed: {raised[-1].group(1)}: {raised[-1].group(2).strip()}"
+    return f"training failed: {(text.strip().splitlines() or ['?'])[0]}"
+
+
+def _check_checkpoint(directory: str) -> None:
+    """A missing checkpoint fails at once, not after seconds of importing torch and diffusers (the same
+    check as ``trainers.checkpoint.read_meta``, which follows)."""
+    if "://" not in directory and not (Path(directory).expanduser() / "meta.json").is_file():
+        raise FileNotFoundError(f"{directory} is not a nuance checkpoint (no meta.json)")
+
+
 def cmd_sample(ns: argparse.Namespace) -> int:
+    _check_checkpoint(ns.checkpoint)
     from nuance.trainers.inference import sample_from_checkpoint
 
     paths = sample_from_checkpoint(
@@ -92,6 +120,7 @@ def cmd_sample(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
+    _check_checkpoint(ns.checkpoint)
     from nuance.trainers.inference import export_diffusers
 
     out = export_diffusers(ns.checkpoint, ns.out, use_ema=not ns.no_ema, merge_lora=ns.merge_lora)
@@ -161,13 +190,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "NUANCE_DEBUG"
+USER_ERRORS = (RecipeError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def error_line(err: BaseException) -> str:
+    """One line for any error: its message's first line; the type too when the message alone is not
+    self-explaining (an unexpected error), with the hint that shows the traceback."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    if isinstance(err, USER_ERRORS) or type(err).__module__.startswith("nuance."):
+        return text
+    if isinstance(err, PermissionError):  # S3 or the file system refused: the credentials or the rights
+        return f"permission denied: {text}"
+    return f"{type(err).__name__}: {text} ({DEBUG_ENV}=1 shows the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every error a user can cause ends as one line `nuance: error: ...` on stderr, exit status 2 for a
+    mistake in the input (recipe, paths, arguments), 1 for the rest; ``NUANCE_DEBUG=1`` re-raises."""
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (RecipeError, ValueError, FileNotFoundError) as err:
-        print(f"nuance: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("nuance: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV, "").strip() in ("1", "true"):
+            raise
+        print(f"nuance: error: {error_line(err)}", file=sys.stderr, flush=True)
+        return 2 if isinstance(err, USER_ERRORS) else 1
 
 
 if __name__ == "__main__":

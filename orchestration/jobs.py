@@ -1,8 +1,11 @@
 """Submit recipes to a running Ray cluster through Ray's Jobs API, and manage the jobs.
 
-The job ships the resolved recipe (never the user's secrets: those travel as environment variables
-taken from the submitter's environment) and nuance's own packages, so the cluster runs exactly the
-code version that was submitted. The cluster must have nuance's dependencies installed (the image
+The job ships the resolved recipe, the submitter's non-secret settings (S3 endpoint, nuance and W&B
+settings: ``ray_env.worker_env``) and nuance's own packages, so the cluster runs exactly the code version
+that was submitted. Credentials stay on the submitter's machine: Ray logs a job's runtime env and the
+Jobs API returns it to anyone who can list jobs, so the cluster's nodes provide them (a Kubernetes
+Secret, the node's environment); ``forward_secrets=True`` (``--forward-secrets``) ships them anyway,
+with a warning. The cluster must have nuance's dependencies installed (the image
 of `k8s/` does); `--pip` adds packages to the job's runtime environment.
 """
 
@@ -62,12 +65,23 @@ def ship_package(dest: Path) -> str:
     return str(root)
 
 
-def runtime_env(recipe: Recipe, recipe_dir: str, pip: list[str]) -> dict:
+def runtime_env(recipe: Recipe, recipe_dir: str, pip: list[str], forward_secrets: bool = False) -> dict:
     """Job runtime env: the recipe folder as working dir, nuance's package, the submitter's environment
-    that workers get (``ray_env.worker_env``: credentials, endpoints, nuance and W&B settings)."""
-    from nuance.orchestration.ray_env import worker_env
+    that workers get (``ray_env.worker_env``: endpoints, nuance and W&B settings; credentials only with
+    ``forward_secrets``)."""
+    from nuance.orchestration.ray_env import (
+        FORWARD_SECRETS_ENV,
+        note_unshipped_secrets,
+        warn_secrets,
+        worker_env,
+    )
 
-    env_vars = worker_env(recipe)
+    env_vars = worker_env(recipe, secrets=forward_secrets)
+    if forward_secrets:
+        warn_secrets("the job")
+        env_vars[FORWARD_SECRETS_ENV] = "1"  # the job's own `nuance train` ships them on to its workers
+    else:
+        note_unshipped_secrets("the cluster")
     package = ship_package(Path(recipe_dir).parent / "package")  # beside the working dir, not in it
     env = {"working_dir": recipe_dir, "py_modules": [package], "env_vars": env_vars}
     if pip:
@@ -75,7 +89,14 @@ def runtime_env(recipe: Recipe, recipe_dir: str, pip: list[str]) -> dict:
     return env
 
 
-def submit(recipe: Recipe, *, address: str | None, pip: list[str] = (), job_id: str | None = None) -> str:
+def submit(
+    recipe: Recipe,
+    *,
+    address: str | None,
+    pip: list[str] = (),
+    job_id: str | None = None,
+    forward_secrets: bool = False,
+) -> str:
     """Submit the resolved recipe as a Ray job; returns the job id."""
     jobs = client(address)
     with tempfile.TemporaryDirectory(prefix="nuance-submit-") as tmp:
@@ -85,7 +106,7 @@ def submit(recipe: Recipe, *, address: str | None, pip: list[str] = (), job_id: 
         try:
             return jobs.submit_job(
                 entrypoint="python -m nuance.orchestration.cli train recipe.yaml",
-                runtime_env=runtime_env(recipe, str(job_dir), list(pip)),
+                runtime_env=runtime_env(recipe, str(job_dir), list(pip), forward_secrets),
                 submission_id=job_id,
                 metadata={"nuance_recipe": recipe.name},
             )

@@ -1,11 +1,21 @@
 """Kubernetes manifests for a recipe: a ConfigMap holding the recipe and a KubeRay `RayJob` that runs it.
 
 `render_rayjob` builds the documents (plain dicts) and `to_yaml` prints them. The RayJob brings its own
-Ray cluster (`rayClusterSpec`: one head pod + one worker group) and deletes it when the job ends. Every
-pod runs as a non-root user with no capabilities, has a memory-backed `/dev/shm`, and reads its
-credentials from the Secret `nuance-credentials` by `secretKeyRef` (never by value; each key is
-optional, so a run without W&B or S3 still starts). `k8s/` holds the kustomize equivalent (base +
-overlays) of the same pods; keep the two in step.
+Ray cluster (`rayClusterSpec`: one head pod + one worker group) and deletes it when the job ends.
+`k8s/` holds the kustomize equivalent (base + overlays) of the same pods; keep the two in step.
+
+Defaults a platform team can accept:
+- every pod: non-root uid 1000, no capabilities, read-only root filesystem (writable emptyDirs only
+  where Ray and the caches write: `/tmp`, `~/.cache`, `~/.config`, memory-backed `/dev/shm`), no
+  service-account token (nothing in a pod talks to the Kubernetes API);
+- credentials only by `secretKeyRef`: S3 / W&B from `nuance-credentials` (each key optional, so a run
+  without W&B or S3 still starts), the Ray token from `nuance-ray-auth` (required);
+- Ray token authentication (`authOptions` for the KubeRay operator, `RAY_AUTH_MODE=token` and
+  `RAY_AUTH_TOKEN` in every Ray container and the submitter);
+- a NetworkPolicy: the Ray pods talk to each other; the Jobs API (dashboard port) admits only pods of
+  the namespace and the KubeRay operator; egress is DNS, the Ray pods, and HTTPS;
+- checkpoints on shared storage: `cluster.storage_path` is s3://, or a path under `/runs`, a
+  ReadWriteMany PersistentVolumeClaim mounted in every Ray pod (never pod-local disk).
 
 Sizing: `workers` is the number of worker pods and `gpus_per_worker` the GPUs of each pod (0: CPU
 pods). The recipe's Ray Train workers (`cluster.num_workers`, each with `cluster.gpus_per_worker` GPUs
@@ -21,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from nuance.orchestration.launch import is_remote
 from nuance.orchestration.schema import Recipe
 
 RAY_API_VERSION = "ray.io/v1"
@@ -33,6 +44,24 @@ ENTRYPOINT = f"nuance train {RECIPE_DIR}/{RECIPE_KEY}"
 SECRET_NAME = "nuance-credentials"
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "WANDB_API_KEY")
 """Environment variables read from the Secret `SECRET_NAME` (key = variable name)."""
+RAY_AUTH_SECRET = "nuance-ray-auth"
+RAY_AUTH_KEY = "auth_token"
+"""The Secret (and its key, KubeRay's convention for `authOptions.secretName`) holding the Ray token."""
+RUNS_DIR = "/runs"
+RUNS_CLAIM = "nuance-runs"
+RUNS_SIZE = "100Gi"
+"""Shared run storage: a ReadWriteMany claim mounted at RUNS_DIR when checkpoints are not on s3://."""
+HOME_DIR = "/home/ray"
+WRITABLE_DIRS = {"tmp": "/tmp", "cache": f"{HOME_DIR}/.cache", "config": f"{HOME_DIR}/.config"}
+"""emptyDir mounts of the Ray containers (read-only root): Ray's session dir and temp files; nuance's,
+torch's, DeepSpeed's and W&B's caches (and nuance's local run folder when checkpoints go to s3://);
+W&B's settings."""
+CACHE_ENV = {"TRITON_CACHE_DIR": f"{HOME_DIR}/.cache/triton"}
+"""Writers whose default is outside the writable mounts (Triton: ~/.triton)."""
+DASHBOARD_PORT = 8265
+"""Ray's dashboard / Jobs API port: the NetworkPolicy admits only the namespace's pods and the operator."""
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
+"""Labels of the KubeRay operator's pod (Helm chart), which polls the Jobs API of a RayJob's cluster."""
 GPU_RESOURCE = "nvidia.com/gpu"
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "NCCL_DEBUG": "WARN"}
 """Set on GPU pods. NVLink SHARP (NVLS) multicast needs IMEX/fabric-manager setup most clusters lack."""
@@ -156,11 +185,12 @@ def pod_resources(recipe: Recipe, workers: int, gpus_per_worker: int) -> tuple[d
 
 
 def container_security_context() -> dict:
-    """Non-root, no privilege escalation, no Linux capabilities."""
+    """Non-root, no privilege escalation, no Linux capabilities, read-only root filesystem."""
     return {
         "runAsNonRoot": True,
         "runAsUser": RUN_AS_USER,
         "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
 
@@ -184,9 +214,31 @@ def secret_env() -> list[dict]:
     ]
 
 
-def ray_container(name: str, image: str, resources: dict, gpu: bool) -> dict:
-    """The Ray container of a head or worker pod (KubeRay supplies the `ray start` command)."""
-    env = secret_env() + ([{"name": k, "value": v} for k, v in NCCL_ENV.items()] if gpu else [])
+def ray_auth_env() -> list[dict]:
+    """Ray token authentication: the token from its Secret by reference, required (no token, no pod)."""
+    ref = {"name": RAY_AUTH_SECRET, "key": RAY_AUTH_KEY}
+    return [
+        {"name": "RAY_AUTH_MODE", "value": "token"},
+        {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": ref}},
+    ]
+
+
+def writable_mounts(names=tuple(WRITABLE_DIRS)) -> tuple[list[dict], list[dict]]:
+    """(volumeMounts, volumes) of the emptyDirs a container with a read-only root writes to."""
+    mounts = [{"name": n, "mountPath": WRITABLE_DIRS[n]} for n in names]
+    return mounts, [{"name": n, "emptyDir": {}} for n in names]
+
+
+def ray_container(name: str, image: str, resources: dict, gpu: bool, runs: bool = False) -> dict:
+    """The Ray container of a head or worker pod (KubeRay supplies the `ray start` command); `runs`:
+    mount the shared run storage at RUNS_DIR."""
+    env = secret_env() + ray_auth_env() + [{"name": k, "value": v} for k, v in CACHE_ENV.items()]
+    env += [{"name": k, "value": v} for k, v in NCCL_ENV.items()] if gpu else []
+    mounts = [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True},
+    ]
+    mounts += [{"name": "runs", "mountPath": RUNS_DIR}] if runs else []
     return {
         "name": name,
         "image": image,
@@ -194,22 +246,25 @@ def ray_container(name: str, image: str, resources: dict, gpu: bool) -> dict:
         "env": env,
         "resources": resources,
         "securityContext": container_security_context(),
-        "volumeMounts": [
-            {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True},
-        ],
+        "volumeMounts": mounts + writable_mounts()[0],
     }
 
 
-def pod_template(container: dict, configmap: str, shm_gi: int, labels: dict, gpu: bool) -> dict:
-    """A pod template around `container` with the /dev/shm and recipe volumes."""
+def pod_template(
+    container: dict, configmap: str, shm_gi: int, labels: dict, gpu: bool, runs_claim: str | None = None
+) -> dict:
+    """A pod template around `container` with the /dev/shm, recipe, writable and run-storage volumes."""
+    volumes = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gi}Gi"}},
+        {"name": "recipe", "configMap": {"name": configmap}},
+    ]
+    if runs_claim:
+        volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": runs_claim}})
     spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
         "securityContext": pod_security_context(),
         "containers": [container],
-        "volumes": [
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gi}Gi"}},
-            {"name": "recipe", "configMap": {"name": configmap}},
-        ],
+        "volumes": volumes + writable_mounts()[1],
     }
     if gpu:
         spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
@@ -217,16 +272,92 @@ def pod_template(container: dict, configmap: str, shm_gi: int, labels: dict, gpu
 
 
 def submitter_template(image: str, labels: dict) -> dict:
-    """The pod that runs `ray job submit` (KubeRay fills in its command), as locked down as the others."""
+    """The pod that runs `ray job submit` (KubeRay fills in its command), as locked down as the others;
+    it needs the Ray token to reach the Jobs API, and only /tmp to write to."""
+    mounts, volumes = writable_mounts(["tmp"])
     container = {
         "name": "ray-job-submitter",
         "image": image,
         "imagePullPolicy": "IfNotPresent",
+        "env": ray_auth_env(),
         "resources": SUBMITTER_RESOURCES,
         "securityContext": container_security_context(),
+        "volumeMounts": mounts,
     }
-    spec = {"restartPolicy": "Never", "securityContext": pod_security_context(), "containers": [container]}
+    spec = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": volumes,
+    }
     return {"metadata": {"labels": dict(labels)}, "spec": spec}
+
+
+def network_policy(name: str, namespace: str | None, labels: dict) -> dict:
+    """Ingress: Ray pods from each other (any port); the Jobs API from the namespace's pods and the KubeRay
+    operator (any namespace). Egress: Ray pods, DNS, HTTPS (S3, W&B). Other S3 ports need a patch."""
+    ray_pods = {"podSelector": {"matchLabels": dict(labels)}}
+    dashboard = [{"protocol": "TCP", "port": DASHBOARD_PORT}]
+    operator = {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(OPERATOR_LABELS)}}
+    dns = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(name, namespace, labels),
+        "spec": {
+            "podSelector": {"matchLabels": dict(labels)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {"from": [ray_pods]},
+                {"from": [{"podSelector": {}}, operator], "ports": dashboard},
+            ],
+            "egress": [
+                {"to": [ray_pods]},
+                {"ports": dns},
+                {"ports": [{"protocol": "TCP", "port": 443}]},
+            ],
+        },
+    }
+
+
+def runs_claim_doc(name: str, namespace: str | None, labels: dict, storage_class: str | None) -> dict:
+    """The ReadWriteMany claim every Ray pod mounts at RUNS_DIR (checkpoints survive the pods)."""
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": RUNS_SIZE}},
+    }
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(name, namespace, labels),
+        "spec": spec,
+    }
+
+
+def is_shared(storage_path: str) -> bool:
+    """s3:// (or another remote scheme), or a path on the shared claim at RUNS_DIR."""
+    if is_remote(storage_path):
+        return True
+    path = storage_path.removeprefix("file://").rstrip("/")
+    return path == RUNS_DIR or path.startswith(f"{RUNS_DIR}/")
+
+
+def plan_storage(recipe: Recipe) -> list[str]:
+    """Recipe overrides that put checkpoints on shared storage: none for s3://, else the claim's path."""
+    return [] if is_shared(recipe.cluster.storage_path) else [f"cluster.storage_path={RUNS_DIR}"]
+
+
+def check_storage(recipe: Recipe) -> None:
+    """Raise ValueError (one line, naming the key) for checkpoints on pod-local disk."""
+    path = recipe.cluster.storage_path
+    if not is_shared(path):
+        raise ValueError(
+            f"cluster.storage_path '{path}' is on pod-local disk, lost with the pod: use s3://BUCKET/PATH "
+            f"or a path under {RUNS_DIR} (the ReadWriteMany claim every Ray pod mounts)"
+        )
 
 
 def _metadata(name: str, namespace: str | None, labels: dict) -> dict:
@@ -234,6 +365,45 @@ def _metadata(name: str, namespace: str | None, labels: dict) -> dict:
     if namespace:
         meta["namespace"] = namespace
     return meta
+
+
+def cluster_spec(
+    recipe: Recipe,
+    image: str,
+    workers: int,
+    gpus_per_worker: int,
+    configmap: str,
+    labels: dict,
+    runs_claim: str | None,
+) -> dict:
+    """The RayJob's `rayClusterSpec`: one head pod + one worker group of `workers` pods, token auth."""
+    gpu = gpus_per_worker > 0
+    runs = runs_claim is not None
+    head_amounts = {"cpu": str(HEAD_CPUS), "memory": f"{HEAD_MEMORY_GI + HEAD_SHM_GI}Gi"}
+    head_resources = {"requests": head_amounts, "limits": dict(head_amounts)}
+    head = ray_container("ray-head", image, head_resources, False, runs)
+    worker_resources, worker_shm = pod_resources(recipe, workers, gpus_per_worker)
+    worker = ray_container("ray-worker", image, worker_resources, gpu, runs)
+    return {
+        "rayVersion": RAY_VERSION,
+        "enableInTreeAutoscaling": False,
+        # KubeRay (>= 1.5.1) authenticates its own Jobs API calls with this Secret's token.
+        "authOptions": {"mode": "token", "secretName": RAY_AUTH_SECRET},
+        "headGroupSpec": {
+            "rayStartParams": {"dashboard-host": "0.0.0.0"},  # in-cluster only: see network_policy
+            "template": pod_template(head, configmap, HEAD_SHM_GI, labels, False, runs_claim),
+        },
+        "workerGroupSpecs": [
+            {
+                "groupName": "gpu" if gpu else "cpu",
+                "replicas": workers,
+                "minReplicas": workers,
+                "maxReplicas": workers,
+                "rayStartParams": {},
+                "template": pod_template(worker, configmap, worker_shm, labels, gpu, runs_claim),
+            }
+        ],
+    }
 
 
 def render_rayjob(
@@ -245,9 +415,13 @@ def render_rayjob(
     gpus_per_worker: int,
     namespace: str | None = None,
     name: str | None = None,
+    runs_claim: str = RUNS_CLAIM,
+    storage_class: str | None = None,
 ) -> list[dict]:
-    """[ConfigMap with `recipe_yaml`, RayJob running it on its own cluster of `workers` worker pods]."""
+    """[ConfigMap with `recipe_yaml`, the ReadWriteMany claim `runs_claim` (unless checkpoints go to
+    s3://), NetworkPolicy, RayJob running the recipe on its own cluster of `workers` worker pods]."""
     check_fits(recipe, workers, gpus_per_worker)
+    check_storage(recipe)
     if not image:
         raise ValueError("image must be a non-empty image reference")
     if namespace:
@@ -255,48 +429,29 @@ def render_rayjob(
     job = k8s_name(name or recipe.name)
     configmap = f"{job}-recipe"
     labels = {"app.kubernetes.io/name": "nuance", "app.kubernetes.io/instance": job}
-    gpu = gpus_per_worker > 0
-    head_amounts = {"cpu": str(HEAD_CPUS), "memory": f"{HEAD_MEMORY_GI + HEAD_SHM_GI}Gi"}
-    head = ray_container("ray-head", image, {"requests": head_amounts, "limits": dict(head_amounts)}, False)
-    worker_resources, worker_shm = pod_resources(recipe, workers, gpus_per_worker)
-    worker = ray_container("ray-worker", image, worker_resources, gpu)
-    cluster_spec = {
-        "rayVersion": RAY_VERSION,
-        "enableInTreeAutoscaling": False,
-        "headGroupSpec": {
-            "rayStartParams": {"dashboard-host": "0.0.0.0"},
-            "template": pod_template(head, configmap, HEAD_SHM_GI, labels, False),
-        },
-        "workerGroupSpecs": [
-            {
-                "groupName": "gpu" if gpu else "cpu",
-                "replicas": workers,
-                "minReplicas": workers,
-                "maxReplicas": workers,
-                "rayStartParams": {},
-                "template": pod_template(worker, configmap, worker_shm, labels, gpu),
-            }
-        ],
+    on_claim = not is_remote(recipe.cluster.storage_path)
+    claim = k8s_name(runs_claim, 253) if on_claim else None
+    docs = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _metadata(configmap, namespace, labels),
+            "data": {RECIPE_KEY: recipe_yaml},
+        }
+    ]
+    if claim:  # shared by the namespace's runs (labels without the job): resubmitting resumes
+        docs.append(runs_claim_doc(claim, namespace, {"app.kubernetes.io/name": "nuance"}, storage_class))
+    docs.append(network_policy(job, namespace, labels))
+    rayjob_spec = {
+        "entrypoint": ENTRYPOINT,
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": 300,
+        "submitterPodTemplate": submitter_template(image, labels),
+        "rayClusterSpec": cluster_spec(recipe, image, workers, gpus_per_worker, configmap, labels, claim),
     }
-    configmap_doc = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(configmap, namespace, labels),
-        "data": {RECIPE_KEY: recipe_yaml},
-    }
-    rayjob = {
-        "apiVersion": RAY_API_VERSION,
-        "kind": "RayJob",
-        "metadata": _metadata(job, namespace, labels),
-        "spec": {
-            "entrypoint": ENTRYPOINT,
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": 300,
-            "submitterPodTemplate": submitter_template(image, labels),
-            "rayClusterSpec": cluster_spec,
-        },
-    }
-    return [configmap_doc, rayjob]
+    meta = _metadata(job, namespace, labels)
+    docs.append({"apiVersion": RAY_API_VERSION, "kind": "RayJob", "metadata": meta, "spec": rayjob_spec})
+    return docs
 
 
 class _Dumper(yaml.SafeDumper):

@@ -34,9 +34,9 @@ from nuance.data.precompute import (
     manifest_fields,
     resolve_image_size,
     resume_state,
-    text_hidden_size,
+    text_shape,
 )
-from nuance.orchestration.ray_env import init_ray, worker_env
+from nuance.orchestration.ray_env import check_ray_address, init_ray, joined_worker_secrets, worker_env
 from nuance.trainers.precompute import EncodeSettings, EncodeShardActor
 
 
@@ -121,7 +121,7 @@ def _run_actors(
         compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
         num_gpus=gpus_per_worker,
         num_cpus=cpus_per_worker,
-        runtime_env={"env_vars": worker_env()},
+        runtime_env={"env_vars": worker_env(secrets=joined_worker_secrets())},
     )
     try:
         yield from dataset.iter_rows()
@@ -186,11 +186,12 @@ def precompute_latents(
     """
     start = time.perf_counter()
     check_args(batch_size, store, max_length, workers, gpus_per_worker)
+    check_ray_address()  # before anything is written to dest
     src, dest = absolute_url(src), absolute_url(dest)  # actors may run in another working directory
     inputs, src_manifest_url, src_manifest = input_shards(src)
     image_size = resolve_image_size(image_size, src_manifest)
     shape = latent_shape(vae, image_size)
-    text_shape = [max_length, text_hidden_size(text_encoder)]
+    text_dims = text_shape(text_encoder, max_length)  # a pipeline folder's stack: its own T
     source = src_manifest_url or src
     settings_sha = fingerprint(
         {"vae": encoder_identity(vae), "text_encoder": encoder_identity(text_encoder), "store": store,
@@ -227,7 +228,7 @@ def precompute_latents(
         )
 
     shards = {n: partial.shards[n] for n in inputs}
-    fields = manifest_fields(vae, text_encoder, store, shape, text_shape, image_size, source, src_manifest)
+    fields = manifest_fields(vae, text_encoder, store, shape, text_dims, image_size, source, src_manifest)
     fields["fingerprint"] = settings_sha
     if src_manifest is not None:
         # Samples the source lists but the latents lack: undecodable images (over all runs).

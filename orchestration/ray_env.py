@@ -7,11 +7,19 @@ the job's runtime env) and ``nuance data precompute`` (``precompute``: the encod
 from __future__ import annotations
 
 import os
+import socket
+import sys
 
 from nuance.orchestration.schema import Recipe
 
-# Forwarded from the driver's (or submitter's) environment when set: S3 endpoint and credentials, nuance
-# settings, W&B settings (secrets travel as environment variables, never in the recipe), offline flags.
+# Forwarded from the driver's (or submitter's) environment when set: S3 endpoint and region, nuance
+# settings, W&B settings, offline flags. Secrets among them (`is_secret`: WANDB_API_KEY, AWS_ACCESS_KEY_ID,
+# AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, ...) are left out: Ray writes a runtime env to its logs
+# (`runtime_env_agent.log`) and the Jobs API returns it to anyone who can list jobs. Workers of an embedded
+# cluster inherit them from the driver (Ray's raylet, and so every worker, inherits the environment of
+# the process that starts it); a cluster's nodes provide their own (a Kubernetes Secret, the node's
+# environment), unless the user asks for them to be shipped (`NUANCE_FORWARD_SECRETS=1`, `nuance submit
+# --forward-secrets`).
 FORWARDED_ENV_PREFIXES = ("AWS_", "NUANCE_")
 FORWARDED_ENV = (
     "WANDB_API_KEY",
@@ -21,11 +29,35 @@ FORWARDED_ENV = (
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",
 )
+SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+FORWARD_SECRETS_ENV = "NUANCE_FORWARD_SECRETS"
 
 
-def worker_env(recipe: Recipe | None = None) -> dict[str, str]:
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached; reported to the user as one line."""
+
+
+def is_secret(name: str) -> bool:
+    """Whether an environment variable holds a credential (its name says KEY, SECRET, TOKEN, ...)."""
+    return any(word in name.upper() for word in SECRET_WORDS)
+
+
+def _forwarded(name: str) -> bool:
+    return name in FORWARDED_ENV or name.startswith(FORWARDED_ENV_PREFIXES)
+
+
+def secrets_in_env() -> list[str]:
+    """Names of the forwardable credentials set in this process' environment."""
+    return sorted(k for k, v in os.environ.items() if v and _forwarded(k) and is_secret(k))
+
+
+def forward_secrets_requested() -> bool:
+    return os.environ.get(FORWARD_SECRETS_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def worker_env(recipe: Recipe | None = None, *, secrets: bool = False) -> dict[str, str]:
     """Environment for Ray workers: extension cache, the forwarded variables and, for a recipe that
-    trains on CPUs, the DeepSpeed accelerator choice."""
+    trains on CPUs, the DeepSpeed accelerator choice. Credentials only with ``secrets=True``."""
     env = {
         "TORCH_EXTENSIONS_DIR": os.environ.get(
             "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/nuance/torch_extensions")
@@ -33,10 +65,61 @@ def worker_env(recipe: Recipe | None = None) -> dict[str, str]:
     }
     if recipe is not None and not recipe.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    env.update(
-        {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith(FORWARDED_ENV_PREFIXES)}
-    )
+    env.update({k: v for k, v in os.environ.items() if _forwarded(k) and (secrets or not is_secret(k))})
     return env
+
+
+def joined_worker_secrets() -> bool:
+    """Whether workers get the credentials in their runtime env: only when the user asked for it, and
+    only on a cluster joined through ``RAY_ADDRESS`` or inside a job (an embedded one inherits them)."""
+    joined = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    return joined and forward_secrets_requested()
+
+
+def warn_secrets(where: str) -> None:
+    """One line on stderr when credentials are about to be shipped to ``where``."""
+    names = secrets_in_env()
+    if names:
+        print(
+            f"nuance: warning: shipping {', '.join(names)} in the runtime env of {where}: Ray writes it to "
+            "its logs and the Jobs API shows it to anyone who can list jobs",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def note_unshipped_secrets(where: str) -> None:
+    """One line on stderr when credentials set here stay here: the cluster must provide its own."""
+    names = secrets_in_env()
+    if names:
+        print(
+            f"nuance: note: {', '.join(names)} stay on this machine; the nodes of {where} must provide "
+            f"their own (Kubernetes Secret, node environment) or set {FORWARD_SECRETS_ENV}=1 to ship them",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with one line, when nothing listens at a Ray address (``ray.init`` would retry
+    for minutes, printing GCS warnings). ``auto`` / ``local`` are left to Ray."""
+    target = address.split("://", 1)[-1].rstrip("/")
+    if target in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise ClusterError(f"cannot reach the Ray cluster at {address} (RAY_ADDRESS): {reason}") from None
+
+
+def check_ray_address() -> None:
+    """``check_reachable`` for ``RAY_ADDRESS`` when it is set (and this is not a job's own driver)."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        check_reachable(address)
 
 
 def init_ray(recipe: Recipe | None = None) -> None:
@@ -53,11 +136,19 @@ def init_ray(recipe: Recipe | None = None) -> None:
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         ray.init()  # inside a Ray job (nuance submit): the job's runtime env already has everything
         return
-    runtime_env = {"env_vars": worker_env(recipe)}
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address)
+        ship = joined_worker_secrets()
+        if ship:
+            warn_secrets(f"the jobs on {address}")
+        else:
+            note_unshipped_secrets(f"the cluster at {address}")
+        runtime_env = {"env_vars": worker_env(recipe, secrets=ship)}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
+    # An embedded cluster: its raylet and workers inherit this process' environment, credentials included.
+    runtime_env = {"env_vars": worker_env(recipe)}
     if recipe is None:
         ray.init(runtime_env=runtime_env, log_to_driver=True)  # Ray counts the machine's CPUs itself
         return

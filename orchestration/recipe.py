@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from nuance.data.config import ConfigError
 from nuance.orchestration.schema import Recipe
 from nuance.trainers.config import (
+    RENAMED_KEYS,
     SAMPLERS_FOR,
     ObjectiveKind,
     Precision,
@@ -29,6 +30,7 @@ from nuance.trainers.config import (
     objective_family,
 )
 from nuance.trainers.models.presets import FLOW_ONLY_FAMILIES, PRESETS, preset_conditioning, preset_family
+from nuance.trainers.pipeline.plan import pipeline_problem
 
 DEFAULT_RECIPE = "quickstart"
 
@@ -68,8 +70,42 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+def _kind_mismatch(schema: Any, given: Any, prefix: str = "") -> str:
+    """The first key whose value is a mapping where the schema has a list, or the reverse ("?" if none)."""
+    if not isinstance(schema, dict) or not isinstance(given, dict):
+        return "?"
+    for key, value in given.items():
+        want = schema.get(key)
+        if (
+            isinstance(want, (dict, list))
+            and isinstance(value, (dict, list))
+            and type(want) is not type(value)
+        ):
+            return f"{prefix}{key}"
+        found = _kind_mismatch(want, value, f"{prefix}{key}.")
+        if found != "?":
+            return found
+    return "?"
+
+
+def _merge(merged: Any, given: Any, source: str) -> Any:
+    """``given`` merged onto ``merged``; a RecipeError naming the key when it does not fit the schema."""
+    try:
+        return OmegaConf.merge(merged, given)
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from err
+    except TypeError as err:  # OmegaConf: "Cannot merge incompatible container types" (list vs mapping)
+        schema, values = OmegaConf.to_container(merged), OmegaConf.to_container(given)
+        key = _kind_mismatch(schema, values)
+        raise RecipeError(
+            f"{source}: bad value for '{key}': a mapping where a list belongs, or the reverse"
+        ) from err
+
+
 def _explain(err: OmegaConfBaseException, source: str) -> RecipeError:
     key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError) and key in RENAMED_KEYS:
+        return RecipeError(f"{source}: '{key}' was renamed to {RENAMED_KEYS[key]}")
     if isinstance(err, ConfigKeyError):
         close = difflib.get_close_matches(key, _all_keys(Recipe), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -85,20 +121,20 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
     try:
         file_cfg = OmegaConf.load(path)
     except Exception as err:  # yaml syntax errors come in several types
-        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+        message = " ".join(str(err).split())  # YAML's messages span lines; the CLI prints one
+        raise RecipeError(f"{path}: not valid YAML: {message}") from err
     if not isinstance(file_cfg, type(merged)) and file_cfg is not None:
         raise RecipeError(f"{path}: a recipe is a mapping of keys, got a list")
-    try:
-        merged = OmegaConf.merge(merged, file_cfg)
-    except OmegaConfBaseException as err:
-        raise _explain(err, str(path)) from err
+    merged = _merge(merged, file_cfg, str(path))
     for item in overrides or []:
         if "=" not in item:
             raise RecipeError(f"command line: override '{item}' is not of the form key=value")
+        source = f"{path} + command line override '{item}'"
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            given = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as err:
-            raise _explain(err, f"{path} + command line override '{item}'") from err
+            raise _explain(err, source) from err
+        merged = _merge(merged, given, source)
     source = f"{path}" + (" + command line" if overrides else "")
     recipe = _instantiate(merged, source)
     validate(recipe, source=source)
@@ -129,6 +165,14 @@ def _check(ok: bool, source: str, key: str, message: str) -> None:
 
 def validate(recipe: Recipe, source: str = "recipe") -> None:
     """Checks across sections (each section checks its own values when it is built)."""
+    if recipe.engine.pipeline_stages > 1:
+        eng = recipe.engine
+        problem = pipeline_problem(
+            str(recipe.kind), recipe.model.name, eng.pipeline_stages, recipe.cluster.num_workers,
+            eng.pipeline_partition,
+        )  # fmt: skip
+        if problem:
+            _check(False, source, *problem)
     if recipe.kind == RecipeKind.lora:
         _validate_lora(recipe, source)
     if recipe.kind in (RecipeKind.progressive_distill, RecipeKind.adversarial_distill):
@@ -169,12 +213,6 @@ def _validate_family(recipe: Recipe, source: str) -> None:
         source,
         "objective.kind",
         f"is '{recipe.objective.kind}'; model {name} ({family}) trains with rectified flow: use flow",
-    )
-    _check(
-        recipe.kind != RecipeKind.lora,
-        source,
-        "kind",
-        f"is lora, which has no LoRA targets for the {family} family (model {name}) yet",
     )
     if recipe.vae == "none":
         _check(

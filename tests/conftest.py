@@ -12,7 +12,7 @@ import pytest
 pytest_plugins = [
     "tests.s3_fixtures",
     "tests.distill_fixtures",
-]  # one SeaweedFS S3 server per session (started on first use)
+]  # one SeaweedFS and one moto S3 server per session (each started on first use)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -157,7 +157,7 @@ class LocalRayCluster:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.procs:  # `ray start --block` forwards SIGTERM; what lingers gets SIGKILL
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=15)
+                proc.wait(timeout=5)  # a graceful stop takes up to ~15 s; the tests need none
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

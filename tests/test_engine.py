@@ -21,7 +21,7 @@ from tests.conftest import free_port
 def test_deepspeed_config_is_derived_from_the_recipe():
     cfg = deepspeed_config(
         EngineConfig(
-            zero_stage=3, precision="bf16", grad_accum=4, offload_optimizer=True, offload_params=True
+            zero_stage=3, precision="bf16", micro_batches=4, offload_optimizer=True, offload_params=True
         ),
         OptimConfig(grad_clip=0.5),
         micro_batch=8,

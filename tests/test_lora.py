@@ -23,6 +23,7 @@ from nuance.trainers.config import LoraConfig, ModelConfig
 from nuance.trainers.models.backbone import NET_CLASSES, build_backbone
 from nuance.trainers.models.presets import preset_conditioning
 from nuance.trainers.quality import Evaluator, load_real
+from nuance.trainers.safe_load import torch_load
 from tests.conftest import free_port
 
 TEXT_DIM = 384  # width of the offline MiniLM text encoder
@@ -108,8 +109,10 @@ def test_default_targets_are_attention_and_mlp_linears():
     )
     assert {"proj_in", "proj_out"} <= set(L.default_target_modules("unet"))
     assert "proj_out" not in L.default_target_modules("pixart")  # the output layer stays frozen
+    assert {"add_q_proj", "to_add_out", "ff_context.net.2"} <= set(L.default_target_modules("mmdit"))
+    assert "proj_out" not in L.default_target_modules("flux")  # Flux's output layer stays frozen too
     with pytest.raises(ValueError, match="family"):
-        L.default_target_modules("mmdit")
+        L.default_target_modules("vqgan")
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -341,9 +344,7 @@ def test_zero2_bf16_engine_trains_adapters_over_nf4_base_and_resumes(tmp_path):
         all(math.isfinite(x) for x in result["straight"]) and result["straight"][0] != result["straight"][1]
     )
     assert result["resumed"] == result["straight"][2:]  # adapters + optimizer state restored exactly
-    saved = torch.load(
-        tmp_path / "ckpt" / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-    )["module"]
+    saved = torch_load(tmp_path / "ckpt" / "state" / "mp_rank_00_model_states.pt")["module"]
     params = [k for k in saved if k.endswith(("weight", "bias"))]
     assert params and all(".lora_" in k for k in params)  # adapters only: no frozen base weights
 

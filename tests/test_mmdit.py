@@ -210,7 +210,7 @@ def test_size_checks_name_the_key():
     [
         (["model.name=mmdit_debug", "objective.kind=v"], "'objective.kind' is 'v'; .* use flow"),
         (["model.name=flux_debug", "objective.kind=eps"], "'objective.kind' is 'eps'; .* use flow"),
-        (["model.name=flux_debug", "kind=lora", "model.pretrained=x"], "'kind' is lora"),
+        (["model.name=flux_debug", "kind=lora"], "'model.pretrained' is required for kind lora"),
     ],
 )
 def test_recipe_check_names_the_key(overrides, match):

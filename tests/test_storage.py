@@ -1,4 +1,5 @@
-"""data.storage, data.s3server and `nuance storage` against a private SeaweedFS server (tests/s3_fixtures)."""
+"""data.storage, data.s3server and `nuance storage` against a private SeaweedFS server (tests/s3_fixtures);
+the S3 behaviours that servers implement differently also against moto's AWS-like server."""
 
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def test_retries_are_bounded_and_counted(monkeypatch):
 # ---------------------------------------------------------------------------------------- shared server
 
 
-def test_s3_round_trip(s3_bucket, tmp_path):
+def test_s3_round_trip(any_s3_bucket, tmp_path):
+    s3_bucket = any_s3_bucket
     obj = s3_bucket + "x/obj.bin"
     storage.write_bytes(obj, b"hello")
     assert storage.read_bytes(obj) == b"hello" and storage.exists(obj)
@@ -115,21 +117,33 @@ def test_s3_round_trip(s3_bucket, tmp_path):
     assert storage.read_bytes(obj) == b"replaced" and storage.list_urls(s3_bucket + "nope/") == []
     with pytest.raises(FileNotFoundError):
         storage.open_url(s3_bucket + "x/missing")
+    # A prefix is one with or without its "/", whether or not the server keeps directory objects.
+    assert storage.list_urls(s3_bucket + "x") == storage.list_urls(s3_bucket + "x/")
+    assert storage.exists(s3_bucket + "x") and storage.exists(s3_bucket + "x/sub/")
+    assert not storage.exists(s3_bucket + "nope") and storage.list_urls(s3_bucket + "nope") == []
+    assert storage.list_urls(s3_bucket + "x/a.tar") == [s3_bucket + "x/a.tar"]
 
 
-def test_credentials_are_enforced(s3_server, s3_bucket, monkeypatch):
+def test_credentials_are_enforced(any_s3_server, any_s3_bucket, monkeypatch):
     import s3fs
 
-    obj = s3_bucket + "secret.bin"
+    obj = any_s3_bucket + "secret.bin"
     storage.write_bytes(obj, b"private")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     started = time.monotonic()
     with pytest.raises(PermissionError):
         storage.read_bytes(obj)
+    with pytest.raises(PermissionError):
+        storage.open_url(obj)  # the streaming reader's HEAD
     assert time.monotonic() - started < 5  # refused at once, not retried
-    anonymous = s3fs.S3FileSystem(anon=True, endpoint_url=s3_server.endpoint, skip_instance_cache=True)
+    anonymous = s3fs.S3FileSystem(anon=True, endpoint_url=any_s3_server.endpoint, skip_instance_cache=True)
     with pytest.raises(PermissionError):
         anonymous.cat_file(obj)
+
+
+def test_seaweedfs_http_apis_need_credentials(s3_server, s3_bucket):
+    obj = s3_bucket + "secret.bin"
+    storage.write_bytes(obj, b"private")
     for port in (s3_server.ports["s3.port"], s3_server.ports["filer.port"]):  # plain HTTP: S3 and filer API
         url = f"http://127.0.0.1:{port}/{obj[len('s3://') :]}"
         with pytest.raises(urllib.error.HTTPError) as denied:
@@ -198,8 +212,9 @@ def _failing_gets(monkeypatch, which: set[int]) -> list[int]:
     return starts
 
 
-def test_reader_reads_ahead_in_ranges_and_retries_a_failed_one(s3_bucket, monkeypatch):
+def test_reader_reads_ahead_in_ranges_and_retries_a_failed_one(any_s3_bucket, monkeypatch):
     """Blocks come from parallel ranged GETs; one that fails is retried from its start, bytes identical."""
+    s3_bucket = any_s3_bucket
     data = os.urandom(5 * MiB + 123)
     storage.write_bytes(s3_bucket + "ahead.bin", data)
     starts = _failing_gets(monkeypatch, {2})

@@ -192,15 +192,23 @@ def test_remote_fsspec_urls_stream_like_local_ones(shards):
     _assert_same_batches(a, _take(iter(_stream(shards[:2], world_size=1, num_workers=0)), 4))
 
 
-def test_s3_shards_are_opened_while_the_one_before_is_read(shards, s3_bucket, monkeypatch):
-    """Each S3 shard after the first is opened (and fetching) before the previous one is closed; the
-    batches are those of the local shards; a shard that cannot be opened ahead counts as corrupt."""
+def _upload(shards: list[str], prefix: str) -> list[str]:
+    """Copy local shards (and their folder's manifest.json) under the S3 ``prefix``; returns their URLs."""
     from nuance.data import storage
 
-    remote = []
-    for path in shards[:3]:
-        storage.put_file(path, f"{s3_bucket}ahead/{Path(path).name}")
-        remote.append(f"{s3_bucket}ahead/{Path(path).name}")
+    storage.put_file(Path(shards[0]).parent / "manifest.json", f"{prefix}manifest.json")
+    for path in shards:
+        storage.put_file(path, f"{prefix}{Path(path).name}")
+    return [f"{prefix}{Path(path).name}" for path in shards]
+
+
+def test_s3_shards_are_opened_while_the_one_before_is_read(shards, any_s3_bucket, monkeypatch):
+    """Each S3 shard after the first is opened (and fetching) before the previous one is closed; the
+    batches are those of the local shards. A missing shard stops the stream, naming it, or (skip) counts
+    its samples; on SeaweedFS and on moto (AWS-like)."""
+    from nuance.data import retries, storage
+
+    remote = _upload(shards[:3], f"{any_s3_bucket}ahead/")
     events = []
     for name in ("start", "close"):
         method = getattr(storage.ResilientReader, name)
@@ -219,11 +227,37 @@ def test_s3_shards_are_opened_while_the_one_before_is_read(shards, s3_bucket, mo
     for before, after in itertools.pairwise(order):
         assert events.index(("start", after)) < events.index(("close", before))
 
-    missing = f"{s3_bucket}ahead/missing.tar"
-    stream = _stream([remote[0], missing, remote[1]], world_size=1, num_workers=0, mode="epoch")
+    monkeypatch.setenv(retries.RETRY_SECONDS_ENV, "0.2")  # how long a missing shard is waited for
+    missing = f"{any_s3_bucket}ahead/{Path(shards[3]).name}"  # never uploaded; the manifest lists it
+    urls = [remote[0], missing, remote[1]]
+    with pytest.raises(nuance.data.stream.ShardUnavailableError, match=f"shard {missing} is missing"):
+        _take(iter(_stream(urls, world_size=1, num_workers=0)), 4)
+    stream = _stream(urls, world_size=1, num_workers=0, on_missing_shard="skip")
     keys = _keys(_epoch_batches(stream, iter(stream)))
-    assert len(keys) == 2 * PER_SHARD and set(stream.bad_counts) == {"corrupt_shard"}
-    assert 1 <= stream.bad_counts["corrupt_shard"] <= 2  # 2: the next epoch's first batch met it too
+    assert len(keys) == 2 * PER_SHARD and set(stream.bad_counts) == {"missing_shard"}
+    times = stream.bad_shards["missing_shard"]  # 2: the next epoch's first batch met it too
+    assert 1 <= times <= 2 and stream.bad_counts["missing_shard"] == PER_SHARD * times
+
+
+def test_s3_prefix_with_or_without_slash_and_forbidden_shards(shards, any_s3_bucket, monkeypatch):
+    """``s3://bucket/prefix`` lists its shards like ``s3://bucket/prefix/`` (AWS has no directory objects),
+    through the recipe's data config too; a 403 stops the stream naming the shard."""
+    from nuance.data import retries
+    from nuance.data.builder import build_stream, source_manifest
+    from nuance.data.config import DataConfig
+
+    remote = _upload(shards[:2], f"{any_s3_bucket}data/")
+    assert expand_urls(f"{any_s3_bucket}data") == expand_urls(f"{any_s3_bucket}data/") == remote
+    assert expand_urls(remote[0]) == [remote[0]]  # a shard is not listed
+    cfg = DataConfig(source=f"{any_s3_bucket}data", image_size=SIZE, batch_size=4, num_workers=0)
+    assert source_manifest(cfg)["shards"][Path(shards[0]).name] == PER_SHARD
+    stream = build_stream(cfg, rank=0, world_size=1, seed=5)
+    local = _stream(shards[:2], world_size=1, num_workers=0)
+    assert _keys(_epoch_batches(stream, iter(stream))) == _keys(_epoch_batches(local, iter(local)))
+    monkeypatch.setenv(retries.RETRY_SECONDS_ENV, "0.2")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(nuance.data.stream.ShardUnavailableError, match=r"is forbidden \(.*PermissionError"):
+        _take(iter(_stream(remote, world_size=1, num_workers=0)), 1)
 
 
 def test_globs_and_remote_prefixes_list_their_tars(shards, monkeypatch):
@@ -655,6 +689,7 @@ def test_too_few_shards(shards):
         ({"latent_shape": (4, 8)}, "latent_shape"),
         ({"latent_dtype": "int8"}, "latent_dtype"),
         ({"max_bad_fraction": 1.5}, "max_bad_fraction"),
+        ({"on_missing_shard": "ignore"}, "on_missing_shard"),
         ({"min_samples_for_bad_check": -1}, "min_samples_for_bad_check"),
         ({"bucketing": True, "bucket_step": 0}, "bucket_step"),
         ({"bucketing": True, "bucket_step": 32}, "bucket_step"),

@@ -1,10 +1,13 @@
-"""Bad data in shards (data/stream.py, data/decode.py): skipped, counted per reason, never fatal."""
+"""Bad data in shards (data/stream.py, data/decode.py): skipped, counted per reason in samples, never
+fatal; lost shards (missing, forbidden, unreachable) stop the stream unless on_missing_shard="skip"."""
 
 from __future__ import annotations
 
 import io
 import itertools
 import json
+import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from nuance.data.stream import BadDataError, ShardStream
+from nuance.data import retries
+from nuance.data.manifest import SHARDS_FORMAT, build_manifest, write_manifest
+from nuance.data.stream import BadDataError, ShardStream, ShardUnavailableError
 
 GOOD_PER_SHARD, SHARDS = 12, 3
 
@@ -45,14 +50,15 @@ def _write(path: Path, samples: list[dict]) -> str:
 
 
 def _dataset(tmp_path: Path, make_good, bad: list[dict], every: int = 4) -> tuple[list[str], list[str]]:
-    """SHARDS shards of good samples, with the ``bad`` ones spread between them; returns (urls, good keys).
+    """SHARDS shards of good samples, with the ``bad`` ones spread between them, and their manifest.json;
+    returns (urls, good keys).
 
     Every shard starts with ``every`` >= 4 good samples, so with batch_size 1 and shuffle_buffer 4 the first
     batch of an epoch carries no bad-sample report of that epoch: counts read right after an epoch (by
     ``_one_epoch``, which reads the next epoch's first batch) are that epoch's counts.
     """
     good = [make_good(i) for i in range(SHARDS * GOOD_PER_SHARD)]
-    urls, bad_left = [], list(bad)
+    urls, bad_left, counts = [], list(bad), {}
     tmp_path.mkdir(parents=True, exist_ok=True)
     for s in range(SHARDS):
         samples = []
@@ -61,7 +67,9 @@ def _dataset(tmp_path: Path, make_good, bad: list[dict], every: int = 4) -> tupl
             if j % every == every - 1 and bad_left:
                 samples.append(bad_left.pop())
         urls.append(_write(tmp_path / f"shard-{s}.tar", samples))
+        counts[f"shard-{s}.tar"] = len(samples)
     assert not bad_left, "too many bad samples for the layout"
+    write_manifest(str(tmp_path), build_manifest(SHARDS_FORMAT, counts))
     return urls, [s["__key__"] for s in good]
 
 
@@ -159,25 +167,96 @@ def test_truncated_shard_is_cut_short_and_counted(tmp_path, num_workers):
     _truncate(truncated)
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(b"this is not a tar file" * 100)
+    counts = {**json.loads((tmp_path / "manifest.json").read_text())["shards"], "truncated.tar": 40}
+    write_manifest(str(tmp_path), build_manifest(SHARDS_FORMAT, {**counts, "garbage.tar": 10}))
     stream = _stream([*urls, truncated, str(garbage)], num_workers=num_workers)
     keys = _one_epoch(stream)
     from_truncated = [k for k in keys if k >= "g1000"]
     assert sorted(k for k in keys if k < "g1000") == good
     assert 0 < len(from_truncated) < 40 and len(set(keys)) == len(keys)
     # Counted once per epoch that reads them; by the time the next epoch's first batch arrives, that epoch
-    # may already have reported them too.
-    assert 2 <= stream.bad_counts["corrupt_shard"] <= 4 and set(stream.bad_counts) == {"corrupt_shard"}
+    # may already have reported them too. Counted in samples: what the manifest says they lacked.
+    lost = {40 - len(from_truncated), 10}
+    assert 2 <= stream.bad_shards["corrupt_shard"] <= 4 and set(stream.bad_counts) == {"corrupt_shard"}
+    assert stream.bad_counts["corrupt_shard"] in {a + b for a in lost for b in lost | {0}} - {0}
+    assert stream.bad_counts["corrupt_shard"] >= sum(lost)
     _one_epoch(stream)
-    assert 4 <= stream.bad_counts["corrupt_shard"] <= 6
+    assert 4 <= stream.bad_shards["corrupt_shard"] <= 6 and stream.bad_counts["corrupt_shard"] >= 2 * sum(
+        lost
+    )
 
 
-def test_shard_that_vanished_counts_as_corrupt(tmp_path):
+def test_corrupt_shard_without_a_manifest_counts_the_typical_shard_size(tmp_path):
     urls, good = _dataset(tmp_path, _image, [])
-    stream = _stream(urls)
+    (tmp_path / "manifest.json").unlink()
+    _truncate(urls[1], 0.3)
+    stream = _stream(urls, num_workers=0)
+    iterator = iter(stream)
+    delivered = GOOD_PER_SHARD - (len(good) - len(_one_epoch(stream, iterator)))
+    _one_epoch(stream, iterator)
+    times = stream.bad_shards["corrupt_shard"]  # once per epoch (+1 if the third epoch's first batch met it)
+    assert 2 <= times <= 3 and 0 <= delivered < GOOD_PER_SHARD
+    # Estimated from the shards read to their end (12 samples each) less what it delivered; 1 (at least)
+    # while none is known yet, which only the first epoch's first shard can meet.
+    lost = GOOD_PER_SHARD - delivered
+    assert stream.bad_counts["corrupt_shard"] in {times * lost, (times - 1) * lost + 1}
+
+
+def _lost_shard_stream(tmp_path, monkeypatch, budget: str = "0.3", **overrides):
+    """A stream over the standard dataset whose second shard was deleted after expansion."""
+    monkeypatch.setenv(retries.RETRY_SECONDS_ENV, budget)
+    monkeypatch.setattr(retries, "_BACKOFF_FIRST_S", 0.02)
+    urls, good = _dataset(tmp_path, _image, [])
+    stream = _stream(urls, **overrides)
+    data = Path(urls[1]).read_bytes()
     Path(urls[1]).unlink()  # after expansion, before reading
-    keys = _one_epoch(stream)
+    return stream, urls, good, data
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_missing_shard_stops_the_stream_naming_url_and_reason(tmp_path, monkeypatch, num_workers):
+    stream, urls, _, _ = _lost_shard_stream(tmp_path, monkeypatch, num_workers=num_workers)
+    with pytest.raises(ShardUnavailableError) as info:
+        _one_epoch(stream)
+    message = str(info.value)
+    assert "\n" not in message and f"shard {urls[1]} is missing" in message
+    assert "FileNotFoundError" in message and "data.on_missing_shard=skip" in message
+
+
+def test_missing_shard_is_retried_within_the_budget(tmp_path, monkeypatch):
+    stream, urls, good, data = _lost_shard_stream(tmp_path, monkeypatch, budget="20", num_workers=0)
+    restore = threading.Timer(0.5, Path(urls[1]).write_bytes, args=(data,))  # e.g. still being uploaded
+    before = retries.retry_count()
+    restore.start()
+    try:
+        assert sorted(_one_epoch(stream)) == good and stream.bad_counts == {}
+    finally:
+        restore.cancel()
+    assert retries.retry_count() > before
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skipped_missing_shard_counts_its_samples_and_warns(tmp_path, monkeypatch, caplog, num_workers):
+    stream, urls, good, _ = _lost_shard_stream(
+        tmp_path, monkeypatch, num_workers=num_workers, on_missing_shard="skip"
+    )
+    with caplog.at_level(logging.WARNING, logger="nuance.data.stream"):
+        keys = _one_epoch(stream)
     assert len(keys) == 2 * GOOD_PER_SHARD and set(keys) <= set(good)
-    assert 1 <= stream.bad_counts["corrupt_shard"] <= 2 and set(stream.bad_counts) == {"corrupt_shard"}
+    times = stream.bad_shards["missing_shard"]  # 2: the next epoch's first batch met it too
+    assert 1 <= times <= 2 and stream.bad_counts == {"missing_shard": GOOD_PER_SHARD * times}
+    warned = [r.getMessage() for r in caplog.records if r.name == "nuance.data.stream"]
+    assert len(warned) == times and f"skipped shard {urls[1]} (missing" in warned[0]
+    assert f"{GOOD_PER_SHARD} sample(s) counted as bad" in warned[0]
+
+
+def test_max_bad_fraction_weighs_a_skipped_shard_by_its_samples(tmp_path, monkeypatch):
+    # One lost shard of 12 samples among 36: a third of the data, far over 10% (it used to count as 1).
+    stream, *_ = _lost_shard_stream(
+        tmp_path, monkeypatch, on_missing_shard="skip", max_bad_fraction=0.1, min_samples_for_bad_check=20
+    )
+    with pytest.raises(BadDataError, match=r"missing_shard=12\b"):
+        _one_epoch(stream)
 
 
 def test_too_many_bad_samples_raise_bad_data_error(tmp_path):
@@ -208,7 +287,8 @@ def test_bad_counts_survive_resume_without_double_counting(tmp_path, before, aft
     reference = _stream(urls, num_workers=after)
     expected_keys = _one_epoch(reference)
     expected_counts = reference.bad_counts
-    assert expected_counts["corrupt_shard"] == 1 and expected_counts["undecodable_image"] >= 4
+    assert reference.bad_shards == {"corrupt_shard": 1} and expected_counts["undecodable_image"] >= 4
+    assert expected_counts["corrupt_shard"] >= 1  # the samples the manifest says the shard lacked
 
     for k in (1, 10, 25):
         first = _stream(urls, num_workers=before)
@@ -236,3 +316,24 @@ class _no_warning:
 
     def __exit__(self, *exc):
         self._catch.__exit__(*exc)
+
+
+def test_unreachable_s3_shard_stops_the_stream_or_is_skipped(tmp_path, monkeypatch):
+    """An S3 outage longer than the retry budget is no corrupt shard: it stops the run, naming the shard."""
+    from tests.conftest import free_port
+
+    monkeypatch.setenv(retries.RETRY_SECONDS_ENV, "0.3")
+    monkeypatch.setattr(retries, "_BACKOFF_FIRST_S", 0.02)
+    for name, value in [
+        ("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}"),
+        ("AWS_REGION", "us-east-1"),
+    ]:
+        monkeypatch.setenv(name, value)  # nothing listens there: connection refused
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    urls, good = _dataset(tmp_path, _image, [])
+    down = "s3://nuance-test/down/shard-9.tar"
+    with pytest.raises(ShardUnavailableError, match=f"shard {down} is unreachable .*RetriesExhausted"):
+        _one_epoch(_stream([*urls, down], num_workers=0))
+    stream = _stream([*urls, down], num_workers=0, on_missing_shard="skip")
+    assert sorted(_one_epoch(stream)) == good and 1 <= stream.bad_shards["missing_shard"] <= 2

@@ -71,8 +71,8 @@ def test_quickstart_cli_trains_samples_and_exports(tmp_path, toy_cache, nuance_c
     for part in (
         "meta.json",
         "recipe.yaml",
-        "ema/rank00000.pt",
-        "rng/rank00001.pt",
+        "ema/rank00000.safetensors",
+        "rng/rank00001.json",
         "data/rank00001.json",
         "deepspeed/state/mp_rank_00_model_states.pt",
     ):
@@ -229,7 +229,8 @@ def test_zero3_latent_unet_checkpoint_exports_to_diffusers(tmp_path, toy_cache, 
     result = train(recipe)
     assert result.error is None
     ckpt = tmp_path / "zero3" / "step_00000003"
-    assert sorted(p.name for p in (ckpt / "ema").iterdir()) == ["rank00000.pt", "rank00001.pt"]  # sharded EMA
+    sharded_ema = ["rank00000.safetensors", "rank00001.safetensors"]
+    assert sorted(p.name for p in (ckpt / "ema").iterdir()) == sharded_ema
     export_dir = export_diffusers(ckpt, tmp_path / "export")
     stock = UNet2DConditionModel.from_pretrained(export_dir / "unet").eval()
     scheduler = DDIMScheduler.from_pretrained(export_dir / "scheduler")

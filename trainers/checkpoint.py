@@ -5,11 +5,15 @@ into one checkpoint on the storage path:
 
     deepspeed/          the engine's model / optimizer / scheduler state (tag 'state'): DeepSpeed's
                         shards, or trainers.torch_engine's files (meta.json says which engine)
-    ema/rank00000.pt    EMA (one file; one per rank under ZeRO-3)
-    rng/rank00000.pt    torch / numpy / python RNG states of that rank
+    ema/rank00000.safetensors  EMA tensors, its counters in the header (one file; one per rank under ZeRO-3)
+    rng/rank00000.json  torch / numpy / python RNG states of that rank
     data/rank00000.json stream position of that rank
     meta.json           step, world size, ZeRO stage, engine, W&B run id (rank 0)
     recipe.yaml         the resolved recipe (rank 0)
+
+Nothing is read with `weights_only=False`: nuance's own state is JSON and safetensors, the engines'
+torch files go through torch's restricted unpickler, and every pickle-based file of a checkpoint is
+verified that way before DeepSpeed (which unpickles freely) opens it (`trainers.safe_load`).
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from nuance.trainers import faults
 from nuance.trainers.ema import EMA, consolidate
+from nuance.trainers.safe_load import torch_load, verify_pickles
 
-FORMAT = "nuance-ckpt-v1"
+FORMAT = "nuance-ckpt-v2"
+PICKLED_FORMATS = ("nuance-ckpt-v1",)  # EMA and RNG state as pickles: refused (pre-1.0, no converter)
+# Pipeline engine (trainers.pipeline): the whole model and its EMA, gathered from the stages at save time.
+PIPELINE_FULL = {"model": "pipeline_full.safetensors", "ema": "pipeline_ema.safetensors"}
 
 
 def _rank_file(directory: Path, kind: str, rank: int, suffix: str) -> Path:
@@ -34,18 +44,40 @@ def _rank_file(directory: Path, kind: str, rank: int, suffix: str) -> Path:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as plain JSON data (generator states as lists of bytes / words)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached_gaussian],
+        "python": [version, list(words), gauss_next],
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+    version, words, gauss_next = state["python"]
+    random.setstate((version, tuple(words), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def save_ema(state: dict, path: Path) -> None:
+    """An `EMA.state_dict()` as safetensors: the shadow tensors, the rest as JSON in the header."""
+    rest = {k: v for k, v in state.items() if k != "shadow"}
+    save_file(state["shadow"], str(path), metadata={"nuance_ema": json.dumps(rest)})
+
+
+def load_ema(path: Path) -> dict:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        state = json.loads(f.metadata()["nuance_ema"])
+        state["shadow"] = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - not a dict
+    return state
 
 
 def save(
@@ -66,8 +98,8 @@ def save(
         other.save(str(directory / f"deepspeed_{name}"))
     faults.maybe_kill("save", meta["step"], rank)  # tests: a worker dies halfway through a save
     if ema is not None and (ema.partitioned or rank == 0):
-        torch.save(ema.state_dict(), _rank_file(directory, "ema", rank, ".pt"))
-    torch.save(rng_state(), _rank_file(directory, "rng", rank, ".pt"))
+        save_ema(ema.state_dict(), _rank_file(directory, "ema", rank, ".safetensors"))
+    _rank_file(directory, "rng", rank, ".json").write_text(json.dumps(rng_state()))
     _rank_file(directory, "data", rank, ".json").write_text(json.dumps(data_state))
     if rank == 0:
         (directory / "meta.json").write_text(json.dumps({"format": FORMAT, **meta}, indent=1))
@@ -79,6 +111,11 @@ def read_meta(directory: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a nuance checkpoint (no meta.json)")
     meta = json.loads(path.read_text())
+    if meta.get("format") in PICKLED_FORMATS:
+        raise ValueError(
+            f"{directory}: checkpoint format {meta['format']} stores EMA and RNG state as pickles, which "
+            f"nuance no longer loads (they can run code); retrain, or export it with the nuance that wrote it"
+        )
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory}: checkpoint format {meta.get('format')!r}, expected {FORMAT}")
     return meta
@@ -107,15 +144,16 @@ def load(
             f"checkpoint {directory} was written by the {written_by} engine and this run uses "
             f"{engine.backend}: set engine.backend={written_by} to resume it"
         )
+    verify_pickles(directory)  # DeepSpeed unpickles with weights_only=False: nothing unsafe reaches it
     engine.load(str(directory / "deepspeed"))
     for name, other in (extra_engines or {}).items():
         other.load(str(directory / f"deepspeed_{name}"))
     if ema is not None:
         ema_rank = rank if ema.partitioned else 0
-        ema_file = directory / "ema" / f"rank{ema_rank:05d}.pt"
+        ema_file = directory / "ema" / f"rank{ema_rank:05d}.safetensors"
         if ema_file.is_file():
-            ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=False))
-    set_rng_state(torch.load(directory / "rng" / f"rank{rank:05d}.pt", weights_only=False))
+            ema.load_state_dict(load_ema(ema_file))
+    set_rng_state(json.loads((directory / "rng" / f"rank{rank:05d}.json").read_text()))
     data_state = json.loads((directory / "data" / f"rank{rank:05d}.json").read_text())
     return meta, data_state
 
@@ -128,17 +166,20 @@ def model_state_dict(directory: str | Path, use_ema: bool = True) -> dict[str, t
     directory = Path(directory)
     meta = read_meta(directory)
     ds_dir = directory / "deepspeed"
+    if meta.get("engine") == "pipeline":  # the stages' weights, gathered whole when it was saved
+        state = load_file(ds_dir / "state" / PIPELINE_FULL["model"])
+        ema_file = ds_dir / "state" / PIPELINE_FULL["ema"]
+        return {**state, **(load_file(ema_file) if use_ema and ema_file.is_file() else {})}
     if meta["zero_stage"] == 3 and meta.get("engine", "deepspeed") == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        verify_pickles(ds_dir)  # zero_to_fp32 unpickles with weights_only=False
         state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag="state")
     else:
-        state = torch.load(
-            ds_dir / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-        )["module"]
+        state = torch_load(ds_dir / "state" / "mp_rank_00_model_states.pt")["module"]
     state = {k: v.float() for k, v in state.items()}
-    ema_files = sorted((directory / "ema").glob("rank*.pt"))
+    ema_files = sorted((directory / "ema").glob("rank*.safetensors"))
     if use_ema and ema_files:
-        shards = [torch.load(f, map_location="cpu", weights_only=False) for f in ema_files]
+        shards = [load_ema(f) for f in ema_files]
         state.update(consolidate(shards))
     return state

@@ -11,15 +11,16 @@ from nuance.trainers.conditioning import Conditioner
 from nuance.trainers.config import ObjectiveConfig, RunConfig
 from nuance.trainers.diffusion import build_objective
 from nuance.trainers.models.backbone import Backbone, build_backbone
-from nuance.trainers.models.encoders import PixelSpace, TextEncoder, build_autoencoder
+from nuance.trainers.models.encoders import CaptionEncoder, PixelSpace, build_autoencoder
 from nuance.trainers.models.presets import preset_conditioning
+from nuance.trainers.models.text_stacks import build_text_encoder
 from nuance.trainers.zero_init import is_partitioned, partitioned_init, partitions_at_init
 
 
 @dataclass
 class Components:
     autoencoder: torch.nn.Module
-    text_encoder: TextEncoder | None
+    text_encoder: CaptionEncoder | None
     conditioner: Conditioner
     backbone: Backbone
     objective: object
@@ -45,17 +46,23 @@ def objective_from_config(cfg: ObjectiveConfig):
 
 
 def build_components(
-    recipe: RunConfig, device: torch.device | str = "cpu", *, world_size: int | None = None, rank: int = 0
+    recipe: RunConfig,
+    device: torch.device | str = "cpu",
+    *,
+    world_size: int | None = None,
+    rank: int = 0,
+    architecture: dict | None = None,
 ) -> Components:
     """Autoencoder, text encoder, conditioner, backbone and objective of the recipe. `world_size` (set by
     training workers only): when the engine will be DeepSpeed ZeRO-3 over that many ranks, the backbone
     is built partitioned (trainers.zero_init), so no rank ever holds all of it, and must not be moved
-    (`.to`) afterwards. Sampling and export (no `world_size`) build whole models."""
+    (`.to`) afterwards. Sampling and export (no `world_size`) build whole models, of the `architecture` a
+    checkpoint records (`Backbone.architecture`) when given."""
     device = torch.device(device)
     autoencoder = build_autoencoder(recipe.vae, device)
     text_encoder = None
     if preset_conditioning(recipe.model.name) == "text":
-        text_encoder = TextEncoder(recipe.text_encoder, device)
+        text_encoder = build_text_encoder(recipe.text_encoder, device)
     image_size = recipe.data.image_size
     if image_size % autoencoder.downsample:
         raise ValueError(
@@ -72,8 +79,10 @@ def build_components(
         in_channels=autoencoder.latent_channels,
         sample_size=image_size // autoencoder.downsample,
         cond_dim=text_encoder.hidden_size if text_encoder else None,
+        pooled_dim=text_encoder.pooled_size if text_encoder else None,
         partition=partition,
         rank=rank,
+        architecture=architecture,
     )
     conditioner = Conditioner(
         backbone.conditioning,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from nuance.trainers.models.encoders import TextEncoder
+from nuance.trainers.models.encoders import CaptionEncoder
 
 
 class Conditioner:
@@ -18,7 +18,7 @@ class Conditioner:
         self,
         conditioning: str,
         *,
-        text_encoder: TextEncoder | None = None,
+        text_encoder: CaptionEncoder | None = None,
         num_classes: int | None = None,
         image_size: int = 0,
         uses_time_ids: bool = False,

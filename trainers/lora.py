@@ -9,10 +9,11 @@ The adapters are peft `LoraLayer`s injected into `backbone.net` with peft's `inj
 the same call diffusers' `load_lora_adapter` makes, so the saved files load with stock code:
 
     lora/pytorch_lora_weights.safetensors   diffusers: keys `unet.<module>.lora_A.weight` (SD/SDXL U-Nets)
-                                            or `transformer.<module>...` (DiT, PixArt), peft config in
-                                            the safetensors metadata (`lora_adapter_metadata`), so
-                                            `UNet2DConditionModel.load_lora_adapter(dir, prefix="unet")`
-                                            and SD/SDXL pipelines' `load_lora_weights(dir)` read it
+                                            or `transformer.<module>...` (DiT, PixArt, SD3, Flux),
+                                            peft config in the safetensors metadata
+                                            (`lora_adapter_metadata`), so `load_lora_adapter(dir,
+                                            prefix=...)` and the SD / SDXL / SD3 / Flux pipelines'
+                                            `load_lora_weights(dir)` read it
     lora/adapter_config.json                peft: `PeftModel.from_pretrained(net, dir)`, for every model
     lora/adapter_model.safetensors          class (diffusers 0.42 has no LoRA loader for DiT / PixArt)
     lora/nuance_lora.json                   family, base model folder and its fingerprint, QLoRA or not
@@ -40,7 +41,13 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 INFO_NAME = "nuance_lora.json"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 # The component name diffusers' pipelines use as the key prefix (`unet_name` / `transformer_name`).
-PREFIX = {"dit": "transformer", "pixart": "transformer", "unet": "unet"}
+PREFIX = {
+    "dit": "transformer",
+    "pixart": "transformer",
+    "unet": "unet",
+    "mmdit": "transformer",
+    "flux": "transformer",
+}
 
 # Attention projections of every diffusers `Attention` (self- and cross-attention) and the two linears
 # of the `FeedForward` MLP of each transformer block. The final `proj_out` of DiT / PixArt is left out:
@@ -50,13 +57,32 @@ _BLOCK_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2
 # U-Net transformer blocks also project into and out of the block (`Transformer2DModel.proj_in/out`;
 # linear in SD2 / SDXL, 1x1 conv in SD1.x, which peft adapts with a conv LoRA).
 _UNET_TARGETS = [*_BLOCK_TARGETS, "proj_in", "proj_out"]
+# MMDiT (SD3) / Flux joint blocks: the image stream's and the text stream's (`add_*`, `to_add_out`,
+# `ff_context`) attention projections and MLPs, as diffusers' SD3 / Flux LoRA training scripts target;
+# Flux's single-stream blocks add their MLP input (`proj_mlp`; their `proj_out` shares its name with the
+# model's output layer, so it is left out).
+_JOINT_TARGETS = [
+    *_BLOCK_TARGETS,
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+]
 
 
 def default_target_modules(family: str) -> list[str]:
     """Module names adapted when `lora.target_modules` is empty (peft matches them as name suffixes)."""
-    targets = {"dit": _BLOCK_TARGETS, "pixart": _BLOCK_TARGETS, "unet": _UNET_TARGETS}
+    targets = {
+        "dit": _BLOCK_TARGETS,
+        "pixart": _BLOCK_TARGETS,
+        "unet": _UNET_TARGETS,
+        "mmdit": _JOINT_TARGETS,
+        "flux": [*_JOINT_TARGETS, "proj_mlp"],
+    }
     if family not in targets:
-        raise ValueError(f"no LoRA targets for model family {family!r}; expected dit, pixart or unet")
+        raise ValueError(f"no LoRA targets for model family {family!r}; expected one of {sorted(targets)}")
     return list(targets[family])
 
 
@@ -326,6 +352,8 @@ def base_fingerprint(folder: str | Path) -> str:
     """A cheap identity of a diffusers model folder: config.json and, per weight file, its size and
     first / last MiB. Adapter-only checkpoints name their base by path; this catches a changed base."""
     folder = Path(os.path.expanduser(str(folder)))
+    if (folder / "model_index.json").is_file():  # a stock pipeline folder: its backbone's folder
+        folder = folder / ("unet" if (folder / "unet").is_dir() else "transformer")
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
         if path.name == "config.json":

@@ -47,6 +47,7 @@ class EncodeSettings:
     latent_shape: tuple[int, int, int]
     device: str = "cpu"
     decode_threads: int = 1
+    t5_max_length: int | None = None  # SD3 / Flux pipeline folders: T5 tokens (None: the pipeline's)
 
 
 class ShardEncoder:
@@ -56,12 +57,14 @@ class ShardEncoder:
         import torch
 
         from nuance.trainers.config import TextEncoderConfig
-        from nuance.trainers.models.encoders import VAE, TextEncoder
+        from nuance.trainers.models.encoders import VAE
+        from nuance.trainers.models.text_stacks import build_text_encoder
 
         self.settings = settings
         self.device = torch.device(settings.device)
         self.vae = VAE(settings.vae, self.device)
-        self.text = TextEncoder(TextEncoderConfig(settings.text_encoder, settings.max_length), self.device)
+        text_cfg = TextEncoderConfig(settings.text_encoder, settings.max_length, settings.t5_max_length)
+        self.text = build_text_encoder(text_cfg, self.device)  # one encoder, or a pipeline's text stack
         self._pool = ThreadPoolExecutor(max_workers=max(1, settings.decode_threads))
         self._prefetch = ThreadPoolExecutor(max_workers=1)  # decodes batch k+1 while k is encoded
 

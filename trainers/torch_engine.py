@@ -30,6 +30,7 @@ from torch import nn
 
 from nuance.trainers.config import EngineConfig, OptimConfig
 from nuance.trainers.engine import StepStats, adamw_with_schedule, load_trainable
+from nuance.trainers.safe_load import torch_load
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 STATES_FILE = "engine_states.pt"
@@ -68,7 +69,7 @@ class TorchEngine:
         trainable_only: bool = False,
     ):
         self.module = model
-        self.grad_accum = engine.grad_accum
+        self.micro_batches = engine.micro_batches
         self.grad_clip = optim.grad_clip
         self.trainable_only = trainable_only
         self.device = next(model.parameters()).device
@@ -95,16 +96,16 @@ class TorchEngine:
     def train_step(
         self, micro_batches: Iterable, loss_fn: Callable[[Callable, object], torch.Tensor]
     ) -> StepStats:
-        """One optimizer step over `grad_accum` micro batches; `loss_fn(model, micro_batch) -> loss`."""
+        """One optimizer step over `micro_batches` micro batches; `loss_fn(model, micro_batch) -> loss`."""
         micro_batches = list(micro_batches)
-        assert len(micro_batches) == self.grad_accum, "a train_step consumes exactly grad_accum micro batches"
+        assert len(micro_batches) == self.micro_batches, "a train_step consumes exactly engine.micro_batches"
         losses = []
         for i, micro_batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
             with sync:
                 loss = loss_fn(self.model, micro_batch)
-                scaled = loss / self.grad_accum
+                scaled = loss / self.micro_batches
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             losses.append(loss.detach())
         if self.scaler:
@@ -151,9 +152,9 @@ class TorchEngine:
                 f"no torch-engine checkpoint under {directory} (written by engine.backend=deepspeed? "
                 f"resume with the backend that wrote it)"
             )
-        module = torch.load(path / MODEL_FILE, map_location=self.device, weights_only=False)["module"]
+        module = torch_load(path / MODEL_FILE, map_location=self.device)["module"]  # tensors only
         self._load_module(module)
-        states = torch.load(path / STATES_FILE, map_location=self.device, weights_only=False)
+        states = torch_load(path / STATES_FILE, map_location=self.device)
         self.optimizer.load_state_dict(states["optimizer"])
         self.scheduler.load_state_dict(states["scheduler"])
         if self.scaler and states["scaler"]:

@@ -2,6 +2,11 @@
 
 Only rank 0 tracks. The logged config is the resolved recipe with anything secret-looking redacted.
 Also home of the throughput arithmetic (FLOPs per image, MFU).
+
+After a resume from the checkpoint of step N the history continues at N + 1, never backwards: steps
+N+1.. that the interrupted attempt had logged are replayed, so metrics.jsonl drops its lines after N,
+and the W&B run is rewound to N (`resume_from="<id>?_step=N"`, W&B's run rewind; an offline run records
+the rewind point in its run files for `wandb sync`) instead of receiving the replayed steps twice.
 """
 
 from __future__ import annotations
@@ -50,32 +55,45 @@ class Tracker:
         run_dir: str | Path,
         config: dict,
         enabled: bool = True,
+        resume_step: int = 0,
+        rewind: bool = True,
     ):
+        """`resume_step`: the step of the checkpoint this attempt resumed from (0: a fresh start).
+        `rewind`: that checkpoint belongs to this same W&B run (else a new run starts at its step)."""
         self.enabled = enabled
         self.run = None
         self.run_dir = Path(run_dir)
+        self.last_step = resume_step
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finish()
+        metrics = self.run_dir / "metrics.jsonl"
+        if resume_step and metrics.is_file():
+            rewind_jsonl(metrics, resume_step)
+        self._jsonl = open(metrics, "a")  # noqa: SIM115 - closed in finish()
         mode = resolve_mode(cfg.mode)
         if mode == "disabled":
             return
         import wandb
 
-        self.run = wandb.init(
+        init = dict(
             project=cfg.project,
             entity=cfg.entity,
             group=cfg.group,
             name=run_name,
-            id=run_id,
             tags=cfg.tags,
-            resume="allow",
             mode=mode,
             dir=str(self.run_dir),
             config=redact(config),
             settings=wandb.Settings(silent=True, x_disable_stats=False),
         )
+        if resume_step and rewind:
+            try:  # W&B truncates the run's history after the checkpoint's step
+                self.run = wandb.init(**init, resume_from=f"{run_id}?_step={resume_step}")
+                return
+            except wandb.Error as err:  # e.g. a server without run rewind
+                print(f"[nuance] W&B could not rewind run {run_id} to step {resume_step}: {err}", flush=True)
+        self.run = wandb.init(**init, id=run_id, resume="allow")
 
     @property
     def wandb_dir(self) -> str | None:
@@ -84,6 +102,8 @@ class Tracker:
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:
             return
+        assert step >= self.last_step, f"step {step} logged after step {self.last_step}"
+        self.last_step = step
         self._jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self._jsonl.flush()
         if self.run is not None:
@@ -110,6 +130,15 @@ class Tracker:
         self._jsonl.close()
         if self.run is not None:
             self.run.finish()
+
+
+def rewind_jsonl(path: Path, step: int) -> None:
+    """Drop the lines of a metrics.jsonl logged after `step` (they are about to be replayed)."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def train_flops_per_sample(loss_fn, batch_size: int) -> float:

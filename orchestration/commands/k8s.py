@@ -1,12 +1,14 @@
 """`nuance k8s render RECIPE [key=value ...] [--image IMG] [--workers N] [--gpus-per-worker G]
-[--namespace NS]`: print a ConfigMap + KubeRay RayJob that run the recipe (`kubectl apply -f -`)."""
+[--namespace NS] [--runs-claim PVC] [--storage-class CLASS]`: print a ConfigMap, the ReadWriteMany run
+storage claim (unless checkpoints go to s3://), a NetworkPolicy and a KubeRay RayJob that run the recipe
+(`kubectl apply -f -`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from nuance.orchestration.k8s import DEFAULT_IMAGE  # light: yaml + the schema dataclasses
+from nuance.orchestration.k8s import DEFAULT_IMAGE, RUNS_CLAIM  # light: yaml + the schema dataclasses
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -46,22 +48,24 @@ def _note(message: str) -> None:
 
 def cmd_render(ns: argparse.Namespace) -> int:
     from nuance.orchestration.cli import _split_recipe_args
-    from nuance.orchestration.k8s import plan_cluster, render_rayjob, to_yaml
+    from nuance.orchestration.k8s import plan_cluster, plan_storage, render_rayjob, to_yaml
     from nuance.orchestration.recipe import load_recipe, recipe_to_yaml
 
     name, overrides = _split_recipe_args(ns.args)
     recipe, path = load_recipe(name, overrides)
     workers, gpus, sizing = plan_cluster(recipe, ns.workers, ns.gpus_per_worker)
+    sizing += plan_storage(recipe)  # checkpoints on the shared claim unless the recipe says s3://
     if sizing:
-        before = recipe.cluster.num_workers
+        before, storage = recipe.cluster.num_workers, recipe.cluster.storage_path
         recipe, path = load_recipe(name, sizing + overrides)
         if recipe.cluster.num_workers != before:
             _note(
                 f"cluster.num_workers {before} -> {recipe.cluster.num_workers} ({workers} pods x {gpus} GPUs)"
             )
-    storage = recipe.cluster.storage_path
-    if not storage.startswith("/"):
-        _note(f"cluster.storage_path '{storage}' is inside the head pod; use a shared volume's absolute path")
+        if recipe.cluster.storage_path != storage:
+            _note(
+                f"cluster.storage_path '{storage}' -> '{recipe.cluster.storage_path}' (claim {ns.runs_claim})"
+            )
     source = f"{path}" + (f" + {' '.join(sizing + overrides)}" if sizing or overrides else "")
     recipe_yaml = f"# rendered by nuance k8s render from {source}\n" + recipe_to_yaml(recipe)
     docs = render_rayjob(
@@ -72,6 +76,8 @@ def cmd_render(ns: argparse.Namespace) -> int:
         gpus_per_worker=gpus,
         namespace=ns.namespace,
         name=ns.name,
+        runs_claim=ns.runs_claim,
+        storage_class=ns.storage_class,
     )
     sys.stdout.write(to_yaml(docs))
     return 0
@@ -97,4 +103,13 @@ def add_parser(subparsers) -> None:
     )
     r.add_argument("--namespace", default=None, help="metadata.namespace of the manifests")
     r.add_argument("--name", default=None, help="RayJob name (default: the recipe's name, made DNS-safe)")
+    r.add_argument(
+        "--runs-claim",
+        default=RUNS_CLAIM,
+        help="ReadWriteMany PersistentVolumeClaim mounted at /runs for checkpoints, rendered too "
+        "(unused when cluster.storage_path is s3://)",
+    )
+    r.add_argument(
+        "--storage-class", default=None, help="storageClassName of that claim (one that offers ReadWriteMany)"
+    )
     r.set_defaults(func=cmd_render)

@@ -32,6 +32,7 @@ def _a_gpu():
     if not ON_GPU and os.environ.get("NUANCE_GPU_TESTS_ON_CPU") != "1":
         pytest.fail("tests/gpu needs a CUDA GPU (or NUANCE_GPU_TESTS_ON_CPU=1 for a CPU dry run)")
 
+
 CLASS_DIT = ["model.name=dit_debug", "model.num_classes=12", "sample.classes=[0,9]", "sample.prompts=[]"]
 DEVICE = ["cluster.use_gpu=true", "cluster.num_workers=1", "engine.precision=bf16"] if ON_GPU else []
 

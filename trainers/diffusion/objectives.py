@@ -94,11 +94,15 @@ class DDPMObjective:
         self, model: Callable, x0: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         """L_simple (Ho et al. eq. 14): t ~ U{0, ..., T-1}, noise ~ N(0, I), mean-squared error."""
+        x_t, t_model, target = self.noised(x0)
+        return _mse(model(x_t, t_model, **(cond or {})), target)
+
+    def noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t_model, target) of one training example batch, drawing t first, then noise (the
+        pipeline engine draws these on its first stage and feeds the target to its last)."""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
-        x_t = self.q_sample(x0, t, noise)
-        pred = model(x_t, t.to(x0.dtype), **(cond or {}))
-        return _mse(pred, self.target(x0, noise, t))
+        return self.q_sample(x0, t, noise), t.to(x0.dtype), self.target(x0, noise, t)
 
     def _x0_eps(
         self, out: torch.Tensor, x_t: torch.Tensor, ab: torch.Tensor
@@ -207,11 +211,15 @@ class FlowObjective:
         self, model: Callable, x0: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None
     ) -> torch.Tensor:
         """Flow-matching MSE with logit-normal sigma; draws sigma first, then noise."""
+        x_t, t_model, target = self.noised(x0)
+        return _mse(model(x_t, t_model, **(cond or {})), target)
+
+    def noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, t_model, target) of one training example batch: sigma first, then noise."""
         sigma = self.sample_sigma(x0.shape[0], x0.device, x0.dtype)
         noise = torch.randn_like(x0)
-        x_t = self.q_sample(x0, sigma, noise)
-        pred = model(x_t, (sigma * self.num_train_timesteps).to(x0.dtype), **(cond or {}))
-        return _mse(pred, self.target(x0, noise))
+        t_model = (sigma * self.num_train_timesteps).to(x0.dtype)
+        return self.q_sample(x0, sigma, noise), t_model, self.target(x0, noise)
 
     def velocity_fn(self, model_fn: Callable) -> Callable:
         """Wrap ``model_fn(x, t_model)`` as ``(x, sigma) -> v_hat`` for :func:`euler_flow`."""

@@ -27,13 +27,19 @@ from nuance.trainers.zero_init import is_partitioned, meta_copy
 
 
 class Harness:
-    def __init__(self, recipe: RunConfig, ctx: RunContext, comps: Components):
+    def __init__(
+        self, recipe: RunConfig, ctx: RunContext, comps: Components, *, data_rank: int | None = None,
+        data_world: int | None = None,
+    ):  # fmt: skip
+        """`data_rank` / `data_world`: the data-parallel rank and size the stream is split by (default
+        the worker's rank and world; a pipeline's stages of one replica share a data-parallel rank)."""
         self.recipe, self.ctx, self.comps = recipe, ctx, comps
         self.latent_shape = comps.latent_shape if recipe.vae != "none" else None
+        self.data_world = ctx.world_size if data_world is None else data_world
         self.stream = build_stream(
             recipe.data,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
+            rank=ctx.rank if data_rank is None else data_rank,
+            world_size=self.data_world,
             seed=recipe.train.seed,
             latent_shape=self.latent_shape,
         )
@@ -106,7 +112,7 @@ class Harness:
 
     def resume(self, engine: TrainEngine, ema: EMA | None, extra_engines: dict | None = None) -> int:
         """Load the checkpoint to resume from (if any) and start tracking; returns the step reached."""
-        step = 0
+        step, same_run = 0, True
         if self.ctx.resume_from:
             meta, data_state = checkpoint.load(
                 self.ctx.resume_from,
@@ -117,7 +123,7 @@ class Harness:
                 extra_engines=extra_engines,
             )
             self.stream.load_state_dict(data_state)
-            step = meta["step"]
+            step, same_run = meta["step"], meta.get("run_id") == self.ctx.run_id
             self.ctx.log(f"resumed from {self.ctx.resume_from} at step {step}")
         self.tracker = Tracker(
             self.recipe.tracking,
@@ -126,15 +132,17 @@ class Harness:
             run_dir=self.ctx.run_dir,
             config=self.ctx.recipe or config_to_dict(self.recipe),
             enabled=self.ctx.rank == 0,
+            resume_step=step,  # the history continues at step + 1 (W&B rewound, not replayed)
+            rewind=same_run,
         )
         self._batches = iter(self.stream)
         self._window = (time.perf_counter(), 0.0, 0)
         return step
 
     def next_batches(self, count: int | None = None) -> list[dict]:
-        """The micro batches of one optimizer step (default: engine.grad_accum of them)."""
+        """The micro batches of one optimizer step (default: engine.micro_batches of them)."""
         t0 = time.perf_counter()
-        batches = [next(self._batches) for _ in range(count or self.recipe.engine.grad_accum)]
+        batches = [next(self._batches) for _ in range(count or self.recipe.engine.micro_batches)]
         start, waited, steps = self._window
         self._window = (start, waited + time.perf_counter() - t0, steps)
         return batches
@@ -147,6 +155,7 @@ class Harness:
             "engine": engine.backend,
             "run_id": self.ctx.run_id,
             "kind": self.recipe.kind,
+            "architecture": self.comps.backbone.architecture,  # sample / export rebuild exactly this
         }
         with tempfile.TemporaryDirectory(prefix="nuance-ckpt-") as tmp:
             checkpoint.save(
@@ -189,10 +198,18 @@ class Harness:
         final = step == recipe.train.max_steps
         if step % recipe.train.log_every == 0 or final:
             self._log(step, stats, extra_metrics() if extra_metrics else {})
-        if (recipe.sample.every and step % recipe.sample.every == 0) or final:
+        if self.samples_at(step):
             self.sample_grid(step, engine, ema)
-        if (recipe.train.ckpt_every and step % recipe.train.ckpt_every == 0) or final:
+        if self.saves_at(step):
             self._save(step, engine, ema, extra_engines)
+
+    def samples_at(self, step: int) -> bool:
+        every, final = self.recipe.sample.every, step == self.recipe.train.max_steps
+        return bool(every and step % every == 0) or final
+
+    def saves_at(self, step: int) -> bool:
+        every, final = self.recipe.train.ckpt_every, step == self.recipe.train.max_steps
+        return bool(every and step % every == 0) or final
 
     def _log(self, step: int, stats: StepStats, extra: dict) -> None:
         recipe = self.recipe
@@ -203,7 +220,7 @@ class Harness:
         start, waited, steps = self._window
         elapsed = time.perf_counter() - start
         img_s = (
-            global_batch_size(recipe.data.batch_size, recipe.engine.grad_accum, self.ctx.world_size) * steps
+            global_batch_size(recipe.data.batch_size, recipe.engine.micro_batches, self.data_world) * steps
         )
         img_s /= elapsed
         last = {

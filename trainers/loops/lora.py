@@ -54,9 +54,15 @@ def run(recipe: RunConfig, ctx: RunContext) -> dict:
         check_base(ctx.resume_from, recipe)
     comps = build_components(recipe, ctx.device)  # the base: model.pretrained (required for kind lora)
     dtype = compute_dtype(recipe.engine.precision)
+    # The frozen base needs no fp32 master copy: under bf16 / fp16 it is held in that precision (half the
+    # memory of an 8B-12B base; the adapters created below train in fp32 under the engine's autocast).
+    comps.backbone.to(dtype)
     # The base moves to the device layer by layer as it is quantized (QLoRA never holds the full-precision
     # model there), before DeepSpeed sees the module, whose own .to(device) is then a no-op.
     adapted = apply_lora(comps.backbone, recipe.lora, dtype=dtype, device=ctx.device)
+    for p in comps.backbone.parameters():  # peft makes adapters in the base's dtype: train them in fp32
+        if p.requires_grad:
+            p.data = p.data.float()
     trainable = sum(p.numel() for p in comps.backbone.parameters() if p.requires_grad)
     total = sum(p.numel() for p in comps.backbone.parameters())
     ctx.log(

@@ -9,10 +9,13 @@ from __future__ import annotations
 from nuance.trainers.components import training_components
 from nuance.trainers.config import RunConfig
 from nuance.trainers.context import RunContext, seed_everything
+from nuance.trainers.loops import pipeline
 from nuance.trainers.loops.harness import Harness
 
 
 def run(recipe: RunConfig, ctx: RunContext) -> dict:
+    if recipe.engine.pipeline_stages > 1:
+        return pipeline.run(recipe, ctx)
     seed_everything(recipe.train.seed, ctx.rank)
     comps = training_components(recipe, ctx.rank, ctx.world_size, ctx.device)
     h = Harness(recipe, ctx, comps)

@@ -8,7 +8,7 @@ returned in fp32 so the loss is always computed in full precision.
 from __future__ import annotations
 
 import contextlib
-import os
+import json
 
 import torch
 from diffusers import (
@@ -21,6 +21,7 @@ from diffusers import (
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
+from nuance.data.model_folders import model_folder
 from nuance.trainers.config import ModelConfig
 from nuance.trainers.models.mmdit import (
     FLUX_GUIDANCE,
@@ -58,6 +59,12 @@ class Backbone(nn.Module):
         self.family = family
         self.conditioning = CONDITIONING[family]
         self.guidance = FLUX_GUIDANCE  # Flux with guidance_embeds: the fixed guidance value it is given
+
+    @property
+    def architecture(self) -> dict:
+        """What rebuilds this network without its weights: the family and the diffusers model's own config
+        (`build_backbone(..., architecture=)`); checkpoints carry it in meta.json."""
+        return {"family": self.family, "config": json.loads(self.net.to_json_string())}
 
     @property
     def in_channels(self) -> int:
@@ -144,7 +151,8 @@ def _preset_kwargs(
     else:
         kwargs["cross_attention_dim"] = cond_dim
         if kwargs.get("addition_embed_type") == "text_time":
-            kwargs["projection_class_embeddings_input_dim"] = cond_dim + 6 * kwargs["addition_time_embed_dim"]
+            pooled = cond_dim if pooled_dim is None else pooled_dim
+            kwargs["projection_class_embeddings_input_dim"] = pooled + 6 * kwargs["addition_time_embed_dim"]
     return family, kwargs
 
 
@@ -158,22 +166,31 @@ def build_backbone(
     pooled_dim: int | None = None,
     partition: contextlib.AbstractContextManager | None = None,
     rank: int = 0,
+    architecture: dict | None = None,
 ) -> Backbone:
     """A backbone from a preset (random init) or from `cfg.pretrained` (a local diffusers folder).
 
     `cond_dim` is the text encoder's token width, `pooled_dim` its pooled width (default `cond_dim`;
     MMDiT / Flux check both against joint_attention_dim / pooled_projection_dim). `partition`: a
     ZeRO-3 `zero.Init` context (trainers.zero_init) to build the network in; pretrained weights are then
-    copied into the partitions one tensor at a time (rank 0 reads)."""
+    copied into the partitions one tensor at a time (rank 0 reads). `architecture` (a checkpoint's
+    `Backbone.architecture`): build exactly that network, random-init, ignoring preset and `pretrained`."""
+    if architecture is not None:
+        return _finish(
+            NET_CLASSES[architecture["family"]].from_config(architecture["config"]),
+            architecture["family"],
+            cfg,
+        )
     family = PRESETS[cfg.name]["family"]
-    if cfg.pretrained and partition is not None:
-        folder = os.path.expanduser(cfg.pretrained)
+    # A stock pipeline folder (model_index.json) gives its unet/ or transformer/.
+    folder = model_folder(cfg.pretrained, SUBFOLDER[family]) if cfg.pretrained else None
+    if folder and partition is not None:
         with partition:
             net = NET_CLASSES[family].from_config(NET_CLASSES[family].load_config(folder))
         _check_built(net, family, cfg, in_channels, sample_size, cond_dim, pooled_dim)
         load_partitioned(net, folder, rank=rank)
-    elif cfg.pretrained:
-        net = NET_CLASSES[family].from_pretrained(os.path.expanduser(cfg.pretrained), torch_dtype=torch_dtype)
+    elif folder:
+        net = NET_CLASSES[family].from_pretrained(folder, torch_dtype=torch_dtype)
         _check_built(net, family, cfg, in_channels, sample_size, cond_dim, pooled_dim)
     else:
         family, kwargs = _preset_kwargs(
@@ -181,6 +198,10 @@ def build_backbone(
         )
         with partition or contextlib.nullcontext():
             net = NET_CLASSES[family](**kwargs)
+    return _finish(net, family, cfg)
+
+
+def _finish(net: nn.Module, family: str, cfg: ModelConfig) -> Backbone:
     # Condition dropout for classifier-free guidance is done once, by the conditioner; diffusers'
     # DiT would otherwise drop labels a second time inside the label embedding.
     for module in net.modules():
@@ -197,11 +218,16 @@ def _check_built(net, family, cfg, in_channels, sample_size, cond_dim, pooled_di
         source = f"model.pretrained={cfg.pretrained}"
         check_joint(net.config, family, source, in_channels, sample_size, cond_dim, pooled_dim)
     else:
-        _check_pretrained(net, family, cfg, in_channels, cond_dim)
+        _check_pretrained(net, family, cfg, in_channels, cond_dim, pooled_dim)
 
 
 def _check_pretrained(
-    net: nn.Module, family: str, cfg: ModelConfig, in_channels: int, cond_dim: int | None
+    net: nn.Module,
+    family: str,
+    cfg: ModelConfig,
+    in_channels: int,
+    cond_dim: int | None,
+    pooled_dim: int | None = None,
 ) -> None:
     conf = net.config
     if conf.in_channels != in_channels:
@@ -216,3 +242,13 @@ def _check_pretrained(
             f"the recipe's text encoder (text_encoder.path) gives {cond_dim}: use the encoder it was "
             "trained with"
         )
+    if family == "unet" and conf.get("addition_embed_type") == "text_time" and pooled_dim is not None:
+        # SDXL's added embedding takes the pooled text vector and the six size / crop ids.
+        pooled = conf.projection_class_embeddings_input_dim - 6 * conf.addition_time_embed_dim
+        have = pooled_dim
+        if pooled != have:
+            raise ValueError(
+                f"model.pretrained={cfg.pretrained} expects a pooled text embedding of width {pooled} but "
+                f"the recipe's text encoder (text_encoder.path) gives {have}: use the pipeline folder's "
+                "text stack (text_encoder.path = the SDXL folder)"
+            )

@@ -17,50 +17,23 @@ from nuance.data.model_folders import model_folder, vae_downsampling
 from nuance.trainers.config import TextEncoderConfig
 
 
-class TextEncoder(nn.Module):
-    """Captions -> (hidden (B,T,D), mask (B,T), pooled (B,D)); CLIP, T5 or BERT-like from a local folder.
+class CaptionEncoder(nn.Module):
+    """Captions -> (hidden (B,T,D), mask (B,T), pooled (B,P)), with a cache of recently seen captions.
 
-    Embeddings of recently seen captions are cached: datasets repeat captions (and the empty caption
-    used as the CFG null condition repeats every step), and the encoder is frozen.
-    """
+    Datasets repeat captions (and the empty caption used as the CFG null condition repeats every step),
+    and the encoders are frozen. Subclasses implement `_encode_uncached` and the sizes."""
 
-    def __init__(self, cfg: TextEncoderConfig, device: torch.device | str = "cpu", cache_size: int = 4096):
+    hidden_size: int  # D
+    pooled_size: int  # P
+
+    def __init__(self, device: torch.device | str = "cpu", cache_size: int = 4096):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
-
-        path = model_folder(cfg.path)
-        if not os.path.isdir(path):
-            raise ValueError(f"text_encoder.path: '{cfg.path}' is not a local folder")
-        model_type = AutoConfig.from_pretrained(path).model_type
-        cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "clip_text_model": CLIPTextModel}.get(
-            model_type, AutoModel
-        )
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = cls.from_pretrained(path).to(device).eval().requires_grad_(False)
-        self.max_length = cfg.max_length
         self.device = torch.device(device)
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size
 
-    @property
-    def hidden_size(self) -> int:
-        return (
-            self.model.config.hidden_size
-            if hasattr(self.model.config, "hidden_size")
-            else self.model.config.d_model
-        )
-
-    @torch.no_grad()
     def _encode_uncached(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens = self.tokenizer(
-            captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(self.device)
-        hidden = self.model(
-            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
-        ).last_hidden_state
-        mask = tokens.attention_mask
-        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        return hidden.float(), mask, pooled.float()
+        raise NotImplementedError
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,6 +48,53 @@ class TextEncoder(nn.Module):
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return tuple(torch.stack(parts) for parts in zip(*rows))  # type: ignore[return-value]
+
+
+class TextEncoder(CaptionEncoder):
+    """One CLIP, T5 or BERT-like encoder from a local folder: the last hidden state, its attention mask,
+    and as pooled vector the masked mean of the hidden states. (The stock SDXL / SD3 / Flux text stacks
+    are `trainers.models.text_stacks.TextStack`.)"""
+
+    def __init__(self, cfg: TextEncoderConfig, device: torch.device | str = "cpu", cache_size: int = 4096):
+        super().__init__(device, cache_size)
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        path = model_folder(cfg.path)
+        if not os.path.isdir(path):
+            raise ValueError(f"text_encoder.path: '{cfg.path}' is not a local folder")
+        model_type = AutoConfig.from_pretrained(path).model_type
+        cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "clip_text_model": CLIPTextModel}.get(
+            model_type, AutoModel
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = cls.from_pretrained(path).to(device).eval().requires_grad_(False)
+        self.max_length = cfg.max_length
+        # What `export` writes as the pipeline's text parts (diffusers' component names).
+        self.parts = {"text_encoder": self.model, "tokenizer": self.tokenizer}
+
+    @property
+    def hidden_size(self) -> int:
+        return (
+            self.model.config.hidden_size
+            if hasattr(self.model.config, "hidden_size")
+            else self.model.config.d_model
+        )
+
+    @property
+    def pooled_size(self) -> int:
+        return self.hidden_size
+
+    @torch.no_grad()
+    def _encode_uncached(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.model(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+        ).last_hidden_state
+        mask = tokens.attention_mask
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return hidden.float(), mask, pooled.float()
 
 
 class PixelSpace(nn.Module):
@@ -97,9 +117,8 @@ class VAE(nn.Module):
         super().__init__()
         from diffusers import AutoencoderKL
 
-        self.vae = (
-            AutoencoderKL.from_pretrained(os.path.expanduser(path)).to(device).eval().requires_grad_(False)
-        )
+        folder = model_folder(path, "vae")  # a VAE folder, or a stock pipeline folder's vae/
+        self.vae = AutoencoderKL.from_pretrained(folder).to(device).eval().requires_grad_(False)
         conf = self.vae.config
         self.scaling_factor = conf.scaling_factor
         self.shift_factor = conf.get("shift_factor") or 0.0

@@ -1,0 +1,2 @@
+"""Pipeline parallelism (DeepSpeed `PipelineModule`) for the transformer families; see `plan`, `layers`,
+`engine` and `trainers.loops.pipeline`."""
