@@ -57,9 +57,11 @@ def toy_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("toy-cache")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """An in-process local Ray cluster for one test module (ended with ray.shutdown(), never `ray stop`)."""
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One in-process local Ray cluster for the session (ended with ray.shutdown(), never `ray stop`).
+    Started after the S3 server: its workers inherit this process' environment, credentials included
+    (nuance never ships them in a runtime env), so they must be set before Ray starts."""
     import ray
 
     ray.init(num_cpus=4)  # with the dashboard: Ray Train's controller queries the state API

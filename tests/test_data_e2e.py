@@ -72,10 +72,7 @@ def test_quickstart_streams_from_s3(tmp_path, toy_cache, s3_server, s3_bucket, r
     assert secret not in config and s3_server.access_key not in config  # credentials never enter the recipe
 
 
-def test_shard_precompute_then_train_on_latents(tmp_path, toy_cache, s3_server, ray_cluster):
-    # s3_server first: the module's Ray cluster, whose workers inherit the driver's environment (no
-    # credentials travel in runtime_env), must start after the S3 credentials are set, whichever test
-    # of the module runs first.
+def test_shard_precompute_then_train_on_latents(tmp_path, toy_cache, ray_cluster):
     import numpy as np
 
     from nuance.data.toy import draw_sample

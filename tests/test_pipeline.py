@@ -255,8 +255,9 @@ def _metrics(run_dir) -> dict[int, tuple[float, float]]:
 
 @pytest.mark.slow
 def test_quickstart_trains_with_a_two_stage_pipeline_on_ray(tmp_path, toy_cache, nuance_cli):
-    """The acceptance command (few steps), its sample grid and export; then a run resumed from its
-    step-2 checkpoint replays steps 3-4 exactly (stream position, per-stage EMA, RNG, pipeline state)."""
+    """The acceptance command (few steps), its sample grid and export. (Exact resume of a pipeline run,
+    stream position, per-stage EMA, RNG and pipeline state, is checked over gloo above, without Ray's
+    ~25 s of start-up for a second run.)"""
     storage = tmp_path / "runs"
     cmd = [*nuance_cli, "train", "quickstart", "engine.pipeline_stages=2", "engine.zero_stage=1",
            f"cluster.storage_path={storage}", f"data.cache_dir={toy_cache}", "train.max_steps=4",
@@ -272,10 +273,6 @@ def test_quickstart_trains_with_a_two_stage_pipeline_on_ray(tmp_path, toy_cache,
     last = storage / "pp" / "step_00000004"
     assert (last / "deepspeed" / "state" / "pipeline_full.safetensors").is_file()
     assert (storage / "pp" / "samples" / "step_00000004.png").is_file()
-    resume = [*cmd, "name=pp_resumed", f"train.resume={storage / 'pp' / 'step_00000002'}"]
-    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:] + resumed.stdout[-3000:]
-    assert _metrics(storage / "pp_resumed") == {s: straight[s] for s in (3, 4)}
     export = tmp_path / "export"
     proc = subprocess.run(
         [*nuance_cli, "export", str(last), str(export)], capture_output=True, text=True, timeout=300
