@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +86,10 @@ def test_quickstart_cli_trains_samples_and_exports(tmp_path, toy_cache, nuance_c
     assert {"lr", "grad_norm", "img_per_s", "data_wait_frac"} <= set(metrics[1000])
     # Sample quality, logged at each sample step (W&B and metrics.jsonl), and from `nuance eval`.
     assert {"eval/accuracy", "eval/kid", "eval/real_accuracy"} <= set(metrics[500]) <= set(metrics[1000])
-    ema = nuance_eval(nuance_cli, last, tmp_path / "ema.json")
-    raw = nuance_eval(nuance_cli, last, tmp_path / "raw.json", "--no-ema")
+    with ThreadPoolExecutor(2) as pool:  # two independent commands: their start-ups overlap
+        ema_job = pool.submit(nuance_eval, nuance_cli, last, tmp_path / "ema.json")
+        raw_job = pool.submit(nuance_eval, nuance_cli, last, tmp_path / "raw.json", "--no-ema")
+        ema, raw = ema_job.result(), raw_job.result()
     print(f"\nquickstart quality at step 1000: EMA {ema}, raw {raw}, logged {metrics[1000]}")
     assert ema["real_accuracy"] >= 0.95  # the feature classifier itself is reliable on real images
     assert ema["accuracy"] >= 0.90, ema  # colour and shape follow the prompt
