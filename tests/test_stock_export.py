@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from stock_pipelines import IMAGE_SIZE, make_pipeline_folder
 
 from nuance.trainers import checkpoint
 from nuance.trainers.components import build_components
@@ -30,6 +29,7 @@ from nuance.trainers.models.backbone import Backbone
 from nuance.trainers.models.mmdit import pack_latents
 from nuance.trainers.models.text_stacks import TextStack
 from nuance.trainers.torch_engine import TorchEngine
+from tests.stock_pipelines import IMAGE_SIZE, make_pipeline_folder
 
 PRESET = {"sdxl": "unet_sdxl_debug", "sd3": "mmdit_debug", "flux": "flux_debug"}
 PIPELINE = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}

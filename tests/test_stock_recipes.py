@@ -17,9 +17,9 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
-from stock_pipelines import IMAGE_SIZE, make_pipeline_folder
 
 from nuance.orchestration.recipe import load_recipe
+from tests.stock_pipelines import IMAGE_SIZE, make_pipeline_folder
 
 pytestmark = pytest.mark.slow
 

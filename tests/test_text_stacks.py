@@ -18,8 +18,6 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 from PIL import Image
-from stock_pipelines import CLIP_G, CLIP_L, IMAGE_SIZE, T5_WIDTH, make_pipeline_folder
-from tar_helpers import tar_samples
 
 from nuance.data.manifest import encoder_identity
 from nuance.data.model_folders import text_stack_kind, text_stack_shape
@@ -29,6 +27,8 @@ from nuance.trainers.config import ModelConfig, TextEncoderConfig
 from nuance.trainers.models.backbone import build_backbone
 from nuance.trainers.models.text_stacks import TextStack, build_text_encoder
 from nuance.trainers.precompute import EncodeSettings, ShardEncoder
+from tests.stock_pipelines import CLIP_G, CLIP_L, IMAGE_SIZE, T5_WIDTH, make_pipeline_folder
+from tests.tar_helpers import tar_samples
 
 PROMPTS = ["a red cat", "", "the quick brown fox jumps over the lazy dog"]
 
