@@ -147,6 +147,7 @@ def run_row(model: str, mode: str, px: int, batch: int, steps: int, warmup: int,
         "loss_first": losses[0], "loss_last": losses[-1], "engine": engine.backend,
         "optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
         "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled(),  # model.cudnn_attention=auto's choice
     }  # fmt: skip
     if cuda:
         row.update(

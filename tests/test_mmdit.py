@@ -205,6 +205,32 @@ def test_size_checks_name_the_key():
         build_backbone(ModelConfig(name="mmdit_debug"), in_channels=3, sample_size=128, cond_dim=384)
 
 
+@pytest.fixture
+def cudnn_sdp_restored():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_cudnn_attention_is_off_for_flux_unless_forced(cudnn_sdp_restored):
+    """Flux's training backward fails in torch's cuDNN SDPA on the H100 (RESULTS.md): auto turns those
+    kernels off when a Flux backbone is built; other families leave the setting alone; on / off force it."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    build_backbone(ModelConfig(name="mmdit_debug"), in_channels=16, sample_size=16, cond_dim=384)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    build_backbone(ModelConfig(name="flux_debug"), in_channels=16, sample_size=16, cond_dim=384)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    build_backbone(ModelConfig(name="dit_debug"), in_channels=4, sample_size=16)  # auto: left as it is
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    cfg = ModelConfig(name="flux_debug", cudnn_attention="on")
+    build_backbone(cfg, in_channels=16, sample_size=16, cond_dim=384)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    build_backbone(ModelConfig(name="dit_debug", cudnn_attention="off"), in_channels=4, sample_size=16)
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    with pytest.raises(RecipeError, match="model.cudnn_attention"):
+        load_recipe("quickstart", ["model.cudnn_attention=sometimes"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [

@@ -119,9 +119,15 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward (diffusers' gradient checkpointing): less memory, ~30% slower.
     With engine.pipeline_stages > 1: per pipeline layer instead (DeepSpeed's activation checkpointing)."""
+    cudnn_attention: str = "auto"
+    """GPU only: whether torch's scaled-dot-product attention may use its cuDNN kernels. auto: on, except
+    for Flux, whose training backward hits a known cuDNN SDPA fault on the H100 (benchmarks/RESULTS.md:
+    `mha_graph.execute` fails, then illegal memory accesses); on | off force it. With it off, torch
+    picks its flash / memory-efficient kernels."""
 
     def __post_init__(self) -> None:
         check(self.name in PRESETS, "name", f"is '{self.name}'; known presets: {', '.join(sorted(PRESETS))}")
+        check(self.cudnn_attention in ("auto", "on", "off"), "cudnn_attention", "must be auto, on or off")
         check(self.num_classes is None or self.num_classes >= 1, "num_classes", "must be >= 1")
 
 

@@ -201,7 +201,28 @@ def build_backbone(
     return _finish(net, family, cfg)
 
 
+# Families whose training backward fails inside torch's cuDNN attention kernels (measured on an H100,
+# torch 2.11 + cuDNN 9: Flux-dev LoRA over a bf16 base; pytorch/pytorch#134001 and #190321 report the
+# same `mha_graph.execute` failure, with the same workaround).
+CUDNN_ATTENTION_FAULTS = ("flux",)
+
+
+def configure_attention(cfg: ModelConfig, family: str) -> bool:
+    """Allow or forbid torch's cuDNN SDPA kernels for this process (`model.cudnn_attention`); returns
+    whether they are allowed. A process-wide switch, not a context around the forward: gradient
+    checkpointing recomputes the attention in backward, outside any forward-time context."""
+    if cfg.cudnn_attention == "auto":
+        if family not in CUDNN_ATTENTION_FAULTS:
+            return torch.backends.cuda.cudnn_sdp_enabled()
+        allowed = False
+    else:
+        allowed = cfg.cudnn_attention == "on"
+    torch.backends.cuda.enable_cudnn_sdp(allowed)
+    return allowed
+
+
 def _finish(net: nn.Module, family: str, cfg: ModelConfig) -> Backbone:
+    configure_attention(cfg, family)
     # Condition dropout for classifier-free guidance is done once, by the conditioner; diffusers'
     # DiT would otherwise drop labels a second time inside the label embedding.
     for module in net.modules():
