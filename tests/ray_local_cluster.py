@@ -152,12 +152,16 @@ class LocalRayCluster:
         raise TimeoutError(f"Ray dashboard not up at {self.dashboard_url}")
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):  # workers first, then the head
+        """Ends every node; a second call does nothing (its process groups are never signalled again)."""
+        procs, self.procs = self.procs, []
+        for proc in reversed(procs):  # workers first, then the head
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:  # `ray start --block` forwards SIGTERM; what lingers gets SIGKILL
+        # `ray start --block` forwards SIGTERM; what lingers after 5 s (all nodes together) gets SIGKILL.
+        deadline = time.monotonic() + 5  # a graceful stop takes up to ~15 s; the tests need none
+        for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)  # a graceful stop takes up to ~15 s; the tests need none
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -1,6 +1,7 @@
 """A 2-node Ray cluster on this machine (`ray start --head` + `ray start --address`), jobs submitted with
 `nuance submit`, and fault tolerance: a worker killed mid-run, and a worker killed in the middle of
-writing a checkpoint. Every Ray process is started by the test and ended by PID."""
+writing a checkpoint. Every Ray process is started by the tests (one cluster, `two_node_cluster` in
+conftest.py) and ended by PID."""
 
 from __future__ import annotations
 
@@ -21,11 +22,10 @@ pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "nuance.orchestration.cli"]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalRayCluster(num_nodes=2, cpus_per_node=1).start()
-    yield c
-    c.stop()
+@pytest.fixture
+def cluster(two_node_cluster) -> LocalRayCluster:
+    """The session's 2-node cluster (tests/conftest.py), shared with test_secrets' canary search."""
+    return two_node_cluster
 
 
 def job_args(tmp_path: Path, toy_cache: Path, name: str, *extra: str) -> list[str]:
@@ -45,6 +45,8 @@ def job_args(tmp_path: Path, toy_cache: Path, name: str, *extra: str) -> list[st
         "data.log_keys=true",
         "cluster.placement_strategy=SPREAD",
         "sample.eval_per_condition=0",  # cluster behaviour; sample quality is tested in test_train_e2e
+        # The shared cluster's nodes hold a canary W&B key (test_secrets): `auto` would mean online.
+        "tracking.mode=offline",
         *extra,
     ]
 

@@ -2,7 +2,8 @@
 
 Canary credentials (the session S3 server's own random keys, and a random W&B key) are set for
 `nuance train` (embedded Ray), `nuance submit` to a 2-node token-auth cluster whose nodes hold them in
-their environment, and `nuance data precompute` on that cluster. All three read and write S3 from Ray
+their environment (the session's `two_node_cluster`, conftest.py: this test runs after test_cluster's jobs
+on it and stops it), and `nuance data precompute` on that cluster. All three read and write S3 from Ray
 workers, so the keys do reach the workers (inherited from the driver, or from the node); then every file
 under both Ray temp dirs, the run folders (W&B files included) and the Jobs API's answers is searched
 for each canary.
@@ -12,17 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from tests.ray_local_cluster import LocalRayCluster
 
 CLI = [sys.executable, "-m", "nuance.orchestration.cli"]
 SECRET_NAMES = ("WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -114,16 +113,6 @@ def _leaks(canaries: dict[str, str], roots: list[Path], texts: dict[str, str]) -
     return found
 
 
-@pytest.fixture
-def canaries(s3_server) -> dict[str, str]:
-    """The session S3 server's keys (so S3 works with them) and a W&B key nothing else knows."""
-    return {
-        "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
-        "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"],
-        "WANDB_API_KEY": "canary" + secrets.token_hex(18),
-    }
-
-
 def _image_shards(url: str, folder: Path) -> None:
     import io
 
@@ -165,44 +154,49 @@ def _train_args(name: str, storage: str, toy_cache: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_no_canary_in_ray_files_run_folders_or_jobs_api(canaries, s3_bucket, toy_cache, tmp_path, request):
+def test_no_canary_in_ray_files_run_folders_or_jobs_api(
+    two_node_cluster_last_use, s3_bucket, toy_cache, tmp_path, request
+):
     from nuance.data import storage
 
-    home = tmp_path / "home"  # the run folders of s3:// runs are ~/.cache/nuance/runs/<name>
-    home.mkdir()
+    # The nodes hold the canaries (the session S3 server's keys, so S3 works with them, and a W&B key
+    # nothing else knows) and HOME (the run folders of s3:// runs are ~/.cache/nuance/runs/<name>).
+    cluster = two_node_cluster_last_use
+    canaries, home = cluster.canaries, cluster.home
+    assert canaries["WANDB_API_KEY"].startswith("canary")
+    assert all(cluster.env[name] == value for name, value in canaries.items()), "nodes without the keys"
     ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: AF_UNIX paths
     outputs: dict[str, str] = {}
     env = {**os.environ, **canaries, "HOME": str(home), "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
-    cluster = LocalRayCluster(num_nodes=2, cpus_per_node=1)
-    for folder in (ray_tmp, cluster.temp_dir):
-        request.addfinalizer(lambda folder=folder: shutil.rmtree(folder, ignore_errors=True))
-    cluster.env.update({**canaries, "HOME": str(home)})  # the nodes hold the keys, as a k8s Secret would
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     start = time.perf_counter()
     try:
+        # 1. and 2. run at once (independent commands: on 2 cores their start-ups overlap).
         # 1. Embedded Ray: its workers inherit the keys from the driver and write checkpoints to S3.
-        proc = subprocess.run(
-            [*CLI, "train", *_train_args("embedded", f"{s3_bucket}runs", toy_cache)],
-            env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        outputs["train output"] = proc.stdout + proc.stderr
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert storage.exists(f"{s3_bucket}runs/embedded/step_00000002/meta.json")
-
-        print(f"embedded train: {time.perf_counter() - start:.0f}s")
         # 2. nuance submit to the 2-node cluster: the keys come from the nodes' environment.
-        cluster.start()
         job_env = {**cluster.env, **canaries, "HOME": str(home)}
-        proc = subprocess.run(
-            [*CLI, "submit", *_train_args("submitted", f"{s3_bucket}runs", toy_cache),
-             "--address", cluster.dashboard_url, "--follow"],
-            env=job_env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+        with ThreadPoolExecutor(2) as pool:
+            embedded = pool.submit(
+                subprocess.run, [*CLI, "train", *_train_args("embedded", f"{s3_bucket}runs", toy_cache)],
+                env=env, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            submitted = pool.submit(
+                subprocess.run, [*CLI, "submit", *_train_args("submitted", f"{s3_bucket}runs", toy_cache),
+                                 "--address", cluster.dashboard_url, "--follow"],
+                env=job_env, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            proc = embedded.result()
+            outputs["train output"] = proc.stdout + proc.stderr
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert storage.exists(f"{s3_bucket}runs/embedded/step_00000002/meta.json")
+            print(f"embedded train: {time.perf_counter() - start:.0f}s")
+            proc = submitted.result()
         outputs["submit output"] = proc.stdout + proc.stderr
         assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
         assert storage.exists(f"{s3_bucket}runs/submitted/step_00000002/meta.json")
 
-        print(f"cluster start + submit: {time.perf_counter() - start:.0f}s")
+        print(f"submit: {time.perf_counter() - start:.0f}s")
         # 3. nuance data precompute on the cluster: its actors read and write S3 with the nodes' keys.
         _image_shards(f"{s3_bucket}images", tmp_path / "images")
         vae = _tiny_vae(tmp_path / "vae")
@@ -236,7 +230,7 @@ def test_no_canary_in_ray_files_run_folders_or_jobs_api(canaries, s3_bucket, toy
         for key in objects:
             outputs[f"s3://{key}"] = fs.cat_file(key).decode("latin1")
     finally:
-        cluster.stop()
+        cluster.stop()  # the cluster's last test: every Ray process has ended before the search
     roots = [ray_tmp, Path(cluster.temp_dir), home, tmp_path]
     for ray_dir in roots[:2]:  # the Ray sessions wrote here (the log that would hold a runtime env)
         assert list(ray_dir.rglob("runtime_env_agent.log")), f"no Ray session under {ray_dir}"

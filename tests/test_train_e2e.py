@@ -32,11 +32,11 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
     return merged
 
 
-def nuance_eval(nuance_cli, checkpoint: Path, out: Path, *args: str) -> dict:
+def nuance_eval(nuance_cli, checkpoint: Path, out: Path, *args: str, env: dict | None = None) -> dict:
     """`nuance eval` as a user runs it; its scores from --json."""
     proc = subprocess.run(
         [*nuance_cli, "eval", str(checkpoint), "--num", "16", "--json", str(out), *args],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "conditional accuracy" in proc.stdout
@@ -86,10 +86,29 @@ def test_quickstart_cli_trains_samples_and_exports(tmp_path, toy_cache, nuance_c
     assert {"lr", "grad_norm", "img_per_s", "data_wait_frac"} <= set(metrics[1000])
     # Sample quality, logged at each sample step (W&B and metrics.jsonl), and from `nuance eval`.
     assert {"eval/accuracy", "eval/kid", "eval/real_accuracy"} <= set(metrics[500]) <= set(metrics[1000])
-    with ThreadPoolExecutor(2) as pool:  # two independent commands: their start-ups overlap
-        ema_job = pool.submit(nuance_eval, nuance_cli, last, tmp_path / "ema.json")
-        raw_job = pool.submit(nuance_eval, nuance_cli, last, tmp_path / "raw.json", "--no-ema")
+    # Four independent commands read the final checkpoint: two `nuance eval`, `nuance sample` and `nuance
+    # export`. They run at once, one torch thread each: on 2 cores, processes with torch's default two
+    # OpenMP threads mostly wait for each other (measured: the two evals took 47 s at once with the default
+    # threads, 29 s with one, same scores; the four commands 37 s at once, 60 s before).
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out, export_dir = tmp_path / "samples", tmp_path / "export"
+    prompts = ("a red circle", "a red square", "a blue circle", "a blue square")
+    sample_cmd = [*nuance_cli, "sample", str(last), *(arg for p in prompts for arg in ("--prompt", p)),
+                  "--num", "6", "--steps", "20", "--cfg", "3", "--out", str(out)]  # fmt: skip
+    with ThreadPoolExecutor(4) as pool:
+        ema_job = pool.submit(nuance_eval, nuance_cli, last, tmp_path / "ema.json", env=one_thread)
+        raw_job = pool.submit(
+            nuance_eval, nuance_cli, last, tmp_path / "raw.json", "--no-ema", env=one_thread
+        )
+        sample_job = pool.submit(
+            subprocess.run, sample_cmd, capture_output=True, text=True, timeout=300, env=one_thread
+        )
+        export_job = pool.submit(
+            subprocess.run, [*nuance_cli, "export", str(last), str(export_dir)],
+            capture_output=True, text=True, timeout=300, env=one_thread,
+        )  # fmt: skip
         ema, raw = ema_job.result(), raw_job.result()
+        sample, export = sample_job.result(), export_job.result()
     print(f"\nquickstart quality at step 1000: EMA {ema}, raw {raw}, logged {metrics[1000]}")
     assert ema["real_accuracy"] >= 0.95  # the feature classifier itself is reliable on real images
     assert ema["accuracy"] >= 0.90, ema  # colour and shape follow the prompt
@@ -99,44 +118,13 @@ def test_quickstart_cli_trains_samples_and_exports(tmp_path, toy_cache, nuance_c
     assert ema["accuracy"] >= raw["accuracy"] - 2 / ema["num_samples"] - 1e-6, (ema, raw)
 
     # Conditioning works: samples for "red" captions are redder than for "blue" ones.
-    out = tmp_path / "samples"
-    sample = subprocess.run(
-        [
-            *nuance_cli,
-            "sample",
-            str(last),
-            "--prompt",
-            "a red circle",
-            "--prompt",
-            "a red square",
-            "--prompt",
-            "a blue circle",
-            "--prompt",
-            "a blue square",
-            "--num",
-            "6",
-            "--steps",
-            "20",
-            "--cfg",
-            "3",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
     assert sample.returncode == 0, sample.stderr[-3000:]
     red, blue = sorted(out.glob("a_red_*.png")), sorted(out.glob("a_blue_*.png"))
     assert len(red) == 12 and len(blue) == 12
     assert redness(red) - redness(blue) > 0.1, (redness(red), redness(blue))
 
     # Export: stock diffusers loads the folder and computes what nuance's checkpoint computes.
-    export_dir = tmp_path / "export"
-    proc = subprocess.run(
-        [*nuance_cli, "export", str(last), str(export_dir)], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert export.returncode == 0, export.stderr[-3000:]
     from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 
     from nuance.trainers.inference import load_checkpoint_model
