@@ -8,25 +8,35 @@ other runs go on). N = the largest count in `--gpus`.
                     batch at each count of `--gpus`; img/s per GPU, data wait, `ratio` = per-GPU img/s at
                     N / at 1 GPU (this call's or the --json file's 1-GPU row). DDP at every count
                     (`--scaling-zero 0`: the 1-GPU engine), so the ratio measures scaling alone.
-  zero3_8b          `sd35_large` MMDiT (8.1B, random init, recipes/sd35_large.yaml) full fine-tune over N
-                    GPUs: ZeRO-3 under deepspeed.zero.Init, gradient checkpointing, optimizer offload only
-                    with `--offload`. Data: synthetic shards in `nuance data precompute`'s format
-                    (data/precompute.py): 16-channel latent mean / logvar, `text.npy` 333 x 4096 (77 CLIP +
-                    256 T5 tokens), `mask.npy`, `pooled.npy` 2048; beside them a tiny random SD3 text stack
-                    of exactly those widths (the trainer encodes "" for condition dropout), 16-channel VAE.
-  pipeline_vs_zero  the same model with `engine.pipeline_stages=N engine.zero_stage=1` (DP = 1; MMDiT has
-                    a pipeline layer list, trainers/pipeline/layers.py) beside the ZeRO-3 row.
-  fault             DiT over N GPUs; once checkpoint `--fault-ckpt` is registered and 2 more steps done,
-                    rank 1's worker is SIGKILLed (as tests/test_cluster.py does). Checks, each a field and
-                    all in `passed`: the run ends OK at the same final step, rank 1 restarted from the last
-                    registered checkpoint (or a later one), every step once per rank, no sample trained
-                    twice (within and across ranks); kill / restart / end times.
+  zero3_large       (alias zero3_8b) the --model, `sd35_large` MMDiT (8.1B, recipes/sd35_large.yaml) or
+                    `flux_dev` Flux (12B, FluxTransformer2DModel preset on the same recipe), random init,
+                    full fine-tune over N GPUs: ZeRO-3 under deepspeed.zero.Init, gradient checkpointing,
+                    optimizer offload only with `--offload`; a row per `--px` (512,1024). Data: synthetic
+                    shards in `nuance data precompute`'s format (data/precompute.py, benchmarks/
+                    multigpu_data.py): 16-channel latent mean / logvar, `mask.npy`, `text.npy` and
+                    `pooled.npy` of the model's widths (SD3: 333 x 4096 = 77 CLIP + 256 T5 tokens, pooled
+                    2048; Flux: 512 T5 tokens x 4096, pooled 768 = CLIP-L's); beside them a tiny random text
+                    stack of exactly those widths (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP-L, T5; the trainer
+                    encodes "" for condition dropout) and a 16-channel VAE. `mfu_logged` = the run's MFU.
+  pipeline_vs_zero  the same model with `engine.pipeline_stages=PP engine.zero_stage=1` for each PP of
+                    `--pp` (default N): DP = N / PP replicas (cluster.num_workers = N), beside the ZeRO-3
+                    row of the same settings (reused from this call or the --json file, else measured).
+                    MMDiT and Flux have pipeline layer lists (trainers/pipeline/layers.py); a setting the
+                    recipe checks refuse (`nuance recipe show`: e.g. N not a multiple of PP) is a row with
+                    that one-line `error`.
+  unet_scaling      SD2-base U-Net (recipes/unet_sd2_512.yaml) at 512 px (latents 4 x 64 x 64), B=32 per
+                    GPU, text-conditioned on synthetic 77 x 1024 embeddings (a tiny random CLIP of that
+                    width as text_encoder.path), at each count of `--gpus`, engine.zero_stage=--scaling-zero;
+                    per-GPU img/s, `ratio` as scaling's, against MLPerf Training's ~127 img/s per H100
+                    (`reference_img_s_per_gpu`, `vs_reference`). The recipe keeps gradient checkpointing
+                    (`--extra model.gradient_checkpointing=false` for MLPerf's setting).
 
 Row fields: run, model, gpus, config, img_s, img_s_per_gpu, peak_gib_per_gpu (max over GPUs of nvidia-smi's
 used memory, sampled each second: all ranks, allocator cache included), peak_alloc_gib_rank0 (rank 0's
 max_memory_allocated, metrics.jsonl), host_gib (peak summed RSS of the run's processes), data_wait_frac,
-device. MMDiT runs are stopped by SIGINT after their windows (no final 100 GB checkpoint). NVLink multicast
-stays off: NCCL_NVLS_ENABLE=0 for every run (the embedded Ray cluster's workers inherit it).
+device; mfu_logged where metrics.jsonl logs `mfu`. Large-model and U-Net runs are stopped by SIGINT
+after their windows (no final 100 GB checkpoint). NVLink multicast stays off: NCCL_NVLS_ENABLE=0 for
+every run (the embedded Ray cluster's workers inherit it).
 
 Device machine, repo root, after `bash benchmarks/gpu_setup.sh` (benchmarks/RESULTS.md); one run (one GPU
 count for scaling) per call, as a call has 10 minutes; `--append` adds to the JSON:
@@ -34,12 +44,23 @@ count for scaling) per call, as a call has 10 minutes; `--append` adds to the JS
   # nvidia-h100-x2 (J=$OUT/mg_h100x2.json)
   export NCCL_NVLS_ENABLE=0; python3 benchmarks/multigpu.py --gpus 1 --runs scaling --json $J
   python3 benchmarks/multigpu.py --gpus 2 --runs scaling --append --json $J
-  python3 benchmarks/multigpu.py --gpus 2 --runs zero3_8b --append --json $J      # --offload if OOM
+  python3 benchmarks/multigpu.py --gpus 2 --runs zero3_large --append --json $J      # --offload if OOM
   python3 benchmarks/multigpu.py --gpus 2 --runs pipeline_vs_zero --append --json $J
   python3 benchmarks/multigpu.py --gpus 2 --runs fault --append --json $J
-  # nvidia-h100-x8 (J=$OUT/mg_h100x8.json): scaling with --gpus 1, 2, 4 and 8 (a call each), then
-  # zero3_8b, pipeline_vs_zero and fault as above with --gpus 8
-  python3 benchmarks/multigpu.py --smoke --json /tmp/multigpu_smoke.json   # CPU, gloo, tiny presets
+  # nvidia-h100-x8 (J=$OUT/mg_h100x8.json), a call each (10 minutes per call):
+  export NCCL_NVLS_ENABLE=0; python3 benchmarks/multigpu.py --gpus 1 --runs scaling --json $J
+  python3 benchmarks/multigpu.py --gpus 2 --runs scaling --append --json $J   # then --gpus 4, --gpus 8
+  python3 benchmarks/multigpu.py --gpus 8 --runs zero3_large --model flux_dev --px 512 --append --json $J
+  python3 benchmarks/multigpu.py --gpus 8 --runs zero3_large --model flux_dev --px 1024 --append --json $J
+  python3 benchmarks/multigpu.py --gpus 8 --runs pipeline_vs_zero --model flux_dev --px 512 --pp 2 \
+      --append --json $J                                       # then --pp 4, and both again at --px 1024
+  python3 benchmarks/multigpu.py --gpus 1 --runs unet_scaling --append --json $J   # then 2, 4, 8
+  python3 benchmarks/multigpu.py --gpus 8 --runs zero3_large --append --json $J    # sd35_large; then
+  python3 benchmarks/multigpu.py --gpus 8 --runs fault --append --json $J          # pipeline_vs_zero
+  # CPU, gloo, 2 workers, tiny presets (dit_debug, mmdit_debug / flux_debug, unet_debug), 64 px:
+  python3 benchmarks/multigpu.py --smoke --json /tmp/multigpu_smoke.json
+  python3 benchmarks/multigpu.py --smoke --runs zero3_large,pipeline_vs_zero --model flux_dev --pp 2 --json F
+  python3 benchmarks/multigpu.py --smoke --runs unet_scaling --json F
 """
 
 from __future__ import annotations
@@ -61,31 +82,45 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
+from multigpu_data import (  # noqa: E402
+    SMOKE_TEXT,
+    TEXT,
+    TEXT_OF_MODEL,
+    upload_text_shards,
+    write_clip_folder,
+    write_text_stack,
+)
 from stack import run_train, serve, tiny_vae, write_latent_shards  # noqa: E402
 
 CLI = [sys.executable, "-m", "nuance.orchestration.cli", "train"]
 DIT_RECIPE, MMDIT_RECIPE = "recipes/dit_xl2_256.yaml", "recipes/sd35_large.yaml"
-MODELS = {False: ("dit_xl2", "sd35_large"), True: ("dit_debug", "mmdit_debug")}  # by --smoke
-RUNS = ("scaling", "zero3_8b", "pipeline_vs_zero", "fault")
+UNET_RECIPE, MLPERF_IMG_S_PER_GPU = "recipes/unet_sd2_512.yaml", 127.0  # MLPerf Training SD, per H100
+# Presets by --smoke: DiT, U-Net, and the large model of each --model.
+MODELS = {False: ("dit_xl2", "unet_sd2"), True: ("dit_debug", "unet_debug")}
+LARGE = {"sd35_large": "mmdit_debug", "flux_dev": "flux_debug"}  # --model -> its --smoke preset
+RUNS = ("scaling", "zero3_large", "pipeline_vs_zero", "fault", "unet_scaling")
+ALIASES, ZERO3_RUNS = {"zero3_8b": "zero3_large"}, ("zero3_large", "zero3_8b")  # zero3_8b: earlier files
 FIRST = ("run", "model", "gpus", "config", "img_s", "img_s_per_gpu", "peak_gib_per_gpu", "host_gib",
          "data_wait_frac", "device")  # fmt: skip
-# SD3's text stack: CLIP-L / CLIP-G projections (pooled 768 + 1280), T5-XXL width, T5 tokens (77 + 256).
-SD3_TEXT = {"clip_proj": (768, 1280), "t5_width": 4096, "t5_tokens": 256}
-SMOKE_TEXT = {"clip_proj": (6, 10), "t5_width": 32, "t5_tokens": 8}
 OPTIONS = {  # --name: (default, help)
-    "runs": (",".join(RUNS), "comma-separated"), "gpus": ("1,2", "GPU counts of scaling; N = the largest"),
+    "runs": ("scaling,zero3_large,pipeline_vs_zero,fault", f"comma-separated, of {', '.join(RUNS)}"),
+    "gpus": ("1,2", "GPU counts of scaling / unet_scaling; N = the largest"),
     "batch": (128, "DiT batch per GPU"), "train_steps": (200, "steps of a scaling run"),
-    "skip_windows": (2, "log windows left out (compile, warm-up)"), "windows": (6, "measured MMDiT windows"),
+    "skip_windows": (2, "log windows left out (compile, warm-up)"), "windows": (6, "measured windows"),
     "loader_workers": (8, "data.num_workers"), "peak_tflops": (989.0, "MFU peak"),
-    "scaling_zero": (0, "engine.zero_stage of the scaling runs (0: DDP)"), "px": (1024, "MMDiT image size"),
-    "mmdit_batch": (1, "MMDiT batch per micro batch"), "micro_batches": (8, "engine.micro_batches (MMDiT)"),
-    "mmdit_log_every": (2, "train.log_every (MMDiT)"), "text_per_shard": (32, "samples per MMDiT shard"),
+    "scaling_zero": (0, "engine.zero_stage of the scaling runs (0: DDP)"),
+    "model": ("sd35_large", "large model of zero3_large / pipeline_vs_zero: sd35_large or flux_dev"),
+    "px": ("1024", "image sizes of the large model, comma-separated (a row each)"),
+    "pp": ("", "pipeline stages of pipeline_vs_zero, comma-separated (DP = N / PP); default N"),
+    "mmdit_batch": (1, "large-model batch per micro batch"), "micro_batches": (8, "engine.micro_batches"),
+    "mmdit_log_every": (2, "train.log_every (large model, U-Net)"), "text_per_shard": (32, "samples per "
+    "text shard"), "unet_batch": (32, "U-Net batch per GPU"), "unet_px": (512, "U-Net image size"),
     "fault_steps": (100, "train.max_steps (fault)"), "fault_ckpt": (10, "train.ckpt_every (fault)"),
     "fault_batch": (8, "DiT batch per GPU (fault)"), "timeout": (480, "seconds per nuance train run"),
 }  # fmt: skip
 SMOKE = {"gpus": "1,2", "batch": 2, "train_steps": 4, "skip_windows": 1, "windows": 2, "loader_workers": 0,
-         "peak_tflops": 1.0, "px": 64, "micro_batches": 2, "mmdit_log_every": 1, "text_per_shard": 8,
-         "fault_steps": 40, "fault_ckpt": 4, "fault_batch": 2}  # fmt: skip
+         "peak_tflops": 1.0, "px": "64", "micro_batches": 2, "mmdit_log_every": 1, "text_per_shard": 8,
+         "unet_batch": 2, "unet_px": 64, "fault_steps": 40, "fault_ckpt": 4, "fault_batch": 2}  # fmt: skip
 
 
 def gpu_info() -> tuple[str, list[float]]:
@@ -142,7 +177,9 @@ def summarize(rows: list[dict], skip: int, count: int, gpus: int) -> dict:
     img_s, peaks = statistics.median(r["img_per_s"] for r in rows), [r.get("gpu/peak_gib") for r in rows]
     return {"img_s": img_s, "img_s_per_gpu": img_s / gpus, "windows": len(rows), "loss": rows[-1]["loss"],
             "data_wait_frac": statistics.median(r["data_wait_frac"] for r in rows),
-            "peak_alloc_gib_rank0": max((p for p in peaks if p is not None), default=None)}  # fmt: skip
+            "peak_alloc_gib_rank0": max((p for p in peaks if p is not None), default=None),
+            "mfu_logged": statistics.median(r["mfu"] for r in rows) if all("mfu" in r for r in rows)
+            else None}  # fmt: skip
 
 
 def launch(recipe: str, overrides: list[str], log: Path, timeout: float, until=None) -> dict:
@@ -196,8 +233,9 @@ def common(args, name: str, work: Path, n: int) -> list[str]:
 def run_scaling(args, ctx, prior: list[dict]) -> list[dict]:
     """One row per GPU count (stack.run_train); `ratio` against the 1-GPU row of this call or the file's."""
     rows, config = [], f"zero{args.scaling_zero}"
-    same = [r for r in prior if r["run"] == "scaling" and r["config"] == config and r.get("img_s")]
-    base = next((r["img_s"] for r in same if r["gpus"] == 1 and r["model"] == args.dit_model), None)
+    key = {"run": "scaling", "model": args.dit_model, "gpus": 1, "config": config, "batch": args.batch}
+    same = [r for r in prior if {**key, "smoke": args.smoke}.items() <= r.items() and r.get("img_s")]
+    base = same[-1]["img_s"] if same else None  # the latest 1-GPU row of these settings
     for n in args.gpu_counts:
         work = Path(tempfile.mkdtemp(prefix=f"mg-scaling{n}-", dir=ctx.work))
         extra = [*common(args, "stack", work, n)[2:], f"engine.zero_stage={args.scaling_zero}"]
@@ -218,40 +256,93 @@ def run_scaling(args, ctx, prior: list[dict]) -> list[dict]:
     return rows
 
 
-def mmdit_overrides(args, ctx, name: str, work: Path, n: int) -> list[str]:
+def mmdit_overrides(args, ctx, name: str, work: Path, n: int, px: int) -> list[str]:
+    text = ctx.text[args.large]
     return [
-        *common(args, name, work, n), f"model.name={args.mmdit_model}", "model.pretrained=null",
+        *common(args, name, work, n), f"model.name={args.large}", "model.pretrained=null",
         f"vae={ctx.text_folder}", f"text_encoder.path={ctx.text_folder}",
-        f"text_encoder.t5_max_length={ctx.text['t5_tokens']}", f"data.source={ctx.text_source}",
-        f"data.image_size={args.px}", "data.bucketing=false", f"data.batch_size={args.mmdit_batch}",
+        f"text_encoder.t5_max_length={text['t5_tokens']}", f"data.source={ctx.sources[args.large, px]}",
+        f"data.image_size={px}", "data.bucketing=false", f"data.batch_size={args.mmdit_batch}",
         f"engine.micro_batches={args.micro_batches}", "optim.warmup_steps=0", "train.max_steps=1000000",
-        "train.ckpt_every=0", f"train.log_every={args.mmdit_log_every}",
+        "train.ckpt_every=0", f"train.log_every={args.mmdit_log_every}", "sample.every=0",
+        f"tracking.peak_tflops={args.peak_tflops}",
         *(["engine.offload_optimizer=true"] if args.offload else []), *args.extra,
     ]  # fmt: skip
 
 
-def run_mmdit(args, ctx, config: str, n: int) -> dict:
-    """One measured MMDiT run (ZeRO-3, or a pipeline of N stages), stopped after its windows."""
-    row = {"run": "zero3_8b", "model": args.mmdit_model, "gpus": n, "config": config, "px": args.px}
-    row.update(batch=args.mmdit_batch, micro_batches=args.micro_batches, offload=args.offload)
-    work = Path(tempfile.mkdtemp(prefix=f"mg-{config}-", dir=ctx.work))
-    engine = ["engine.backend=deepspeed", "engine.zero_stage=3"]
-    if config.startswith("pipeline"):  # DP = 1: all N GPUs are stages of one pipeline
-        engine = [f"engine.pipeline_stages={n}", "engine.zero_stage=1"]
-    run_dir, want = work / "runs" / config, args.skip_windows + args.windows
-    row.update(engine=" ".join(engine), global_batch=args.mmdit_batch * args.micro_batches)
-    row["global_batch"] *= 1 if config.startswith("pipeline") else n
+def refusal(recipe: str, overrides: list[str]) -> str | None:
+    """The one-line error `nuance recipe show` / `nuance train`'s checks give these overrides, else None."""
+    from nuance.orchestration.recipe import RecipeError, load_recipe, preflight
+
+    try:
+        preflight(load_recipe(str(ROOT / recipe), overrides)[0])
+    except RecipeError as err:
+        return "refused: " + " ".join(str(err).split())
+    return None
+
+
+def measure(recipe: str, overrides: list[str], work: Path, run_dir: Path, args, n: int) -> dict:
+    """A run stopped after its skipped + measured log windows: the windows' medians and launch's fields."""
+    if problem := refusal(recipe, overrides):
+        return {"error": problem}
+    want = args.skip_windows + args.windows
 
     def enough() -> bool:
         return len([r for r in metric_rows(run_dir) if "img_per_s" in r]) >= want
 
     try:
-        overrides = mmdit_overrides(args, ctx, config, work, n) + engine
-        result = launch(MMDIT_RECIPE, overrides, work / "train.log", args.timeout, enough)
-        row.update(summarize(metric_rows(run_dir), args.skip_windows, args.windows, n), **result)
+        result = launch(recipe, overrides, work / "train.log", args.timeout, enough)
+        return {**summarize(metric_rows(run_dir), args.skip_windows, args.windows, n), **result}
     except Exception as err:  # noqa: BLE001 - the row says what failed
-        row["error"] = str(err)[-1500:]
+        return {"error": str(err)[-1500:]}
+
+
+def run_mmdit(args, ctx, n: int, px: int, pp: int = 0) -> dict:
+    """One measured large-model run: ZeRO-3 over N GPUs (pp=0), or PP pipeline stages x DP = N / PP data-
+    parallel replicas with ZeRO-1; stopped after its windows."""
+    dp = n // pp if pp and n % pp == 0 else None if pp else n  # None: N not a multiple of PP (refused)
+    config = f"pipeline_pp{pp}" + (f"_dp{dp}" if dp else "") if pp else "zero3"
+    row = {"run": "zero3_large", "model": args.large, "gpus": n, "config": config, "px": px}
+    row.update(batch=args.mmdit_batch, micro_batches=args.micro_batches, offload=args.offload)
+    work = Path(tempfile.mkdtemp(prefix=f"mg-{config}-{px}-", dir=ctx.work))
+    engine = ["engine.backend=deepspeed", "engine.zero_stage=3"]
+    if pp:
+        engine = [f"engine.pipeline_stages={pp}", "engine.zero_stage=1"]
+    row.update(engine=" ".join(engine), pp=pp or None, dp=dp)
+    row["global_batch"] = args.mmdit_batch * args.micro_batches * dp if dp else None
+    overrides = mmdit_overrides(args, ctx, config, work, n, px) + engine
+    row.update(measure(MMDIT_RECIPE, overrides, work, work / "runs" / config, args, n))
     return row
+
+
+def run_unet(args, ctx, prior: list[dict]) -> list[dict]:
+    """SD2-base U-Net at --unet-px over each GPU count, text-conditioned (77 x 1024 embeddings); per-GPU
+    img/s against MLPerf's and `ratio` against the 1-GPU row (this call's or the file's)."""
+    rows, config, text = [], f"zero{args.scaling_zero}", ctx.text["unet"]
+    key = {"run": "unet_scaling", "model": args.unet_model, "config": config, "batch": args.unet_batch,
+           "px": args.unet_px, "smoke": args.smoke}  # fmt: skip
+    same = [r for r in prior if key.items() <= r.items() and r["gpus"] == 1 and r.get("img_s")]
+    base = same[-1]["img_s"] if same else None
+    for n in args.gpu_counts:
+        work = Path(tempfile.mkdtemp(prefix=f"mg-unet{n}-", dir=ctx.work))
+        overrides = [
+            *common(args, "unet", work, n), f"model.name={args.unet_model}", f"vae={ctx.vae}",
+            f"text_encoder.path={ctx.unet_text}", f"text_encoder.max_length={text['tokens']}",
+            f"data.source={ctx.sources['unet', args.unet_px]}", f"data.image_size={args.unet_px}",
+            "data.bucketing=false", f"data.batch_size={args.unet_batch}",
+            f"engine.zero_stage={args.scaling_zero}", "optim.warmup_steps=0", "train.max_steps=1000000",
+            "train.ckpt_every=0", "sample.every=0", f"train.log_every={args.mmdit_log_every}",
+            f"tracking.peak_tflops={args.peak_tflops}", *args.extra,
+        ]  # fmt: skip
+        row = {**key, "gpus": n, "reference_img_s_per_gpu": MLPERF_IMG_S_PER_GPU}
+        row.update(measure(UNET_RECIPE, overrides, work, work / "runs" / "unet", args, n))
+        if row.get("img_s"):
+            row["img_s_per_gpu"] = row["img_s"] / n
+            base = row["img_s"] if n == 1 else base
+            row["ratio"] = row["img_s_per_gpu"] / base if base else None
+            row["vs_reference"] = row["img_s_per_gpu"] / MLPERF_IMG_S_PER_GPU
+        rows.append(row)
+    return rows
 
 
 def run_fault(args, ctx) -> list[dict]:
@@ -328,103 +419,65 @@ def exactly_once(run_dir: Path, ranks: int, steps: int) -> dict:
     return {"every_step_once": every_step, "no_sample_twice_in_rank": within, "no_sample_twice": unique}
 
 
-def write_text_stack(folder: Path, text: dict) -> Path:
-    """A tiny random SD3 text stack (CLIP-L, CLIP-G, T5) + 16-channel VAE, of SD3's embedding widths: a
-    pipeline folder as `text_encoder.path` and `vae` take it (tokenizers from tests/stock_pipelines.py)."""
-    from diffusers import AutoencoderKL
-    from transformers import T5Config, T5EncoderModel
-
-    from tests.stock_pipelines import LETTERS, clip_model, clip_tokenizer, t5_tokenizer
-
-    parts = {
-        "text_encoder": clip_model({"hidden_size": 8, "projection_dim": text["clip_proj"][0]}, True),
-        "tokenizer": clip_tokenizer(folder.parent / "tok-l"),
-        "text_encoder_2": clip_model({"hidden_size": 16, "projection_dim": text["clip_proj"][1]}, True),
-        "tokenizer_2": clip_tokenizer(folder.parent / "tok-g", pad="!"),
-        "text_encoder_3": T5EncoderModel(T5Config(
-            vocab_size=3 + 2 * len(LETTERS), d_model=text["t5_width"], d_kv=8, d_ff=32, num_layers=1,
-            num_heads=2, decoder_start_token_id=0)),
-        "tokenizer_3": t5_tokenizer(),
-        "vae": AutoencoderKL(
-            block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, norm_num_groups=8,
-            shift_factor=0.0609, scaling_factor=1.5305),
-    }  # fmt: skip
-    index = {"_class_name": "StableDiffusion3Pipeline"}
-    for name, part in parts.items():
-        part.save_pretrained(folder / name)
-        index[name] = ["diffusers" if name == "vae" else "transformers", type(part).__name__]
-    (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
-
-
-def write_text_shards(folder: Path, shards: int, per_shard: int, side: int, text: dict) -> None:
-    """Synthetic shards in `nuance data precompute`'s format (data/precompute.py): latent mean / logvar
-    (16, side, side), text (77 + T5 tokens, T5 width), mask (all ones), pooled (CLIP-L + CLIP-G), fp16."""
-    import numpy as np
-    import webdataset as wds
-
-    from nuance.data.precompute import npy_bytes
-
-    rng, tokens = np.random.default_rng(0), 77 + text["t5_tokens"]
-
-    def half(*shape: int) -> bytes:
-        return npy_bytes(rng.standard_normal(shape, np.float32).astype(np.float16))
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for s in range(shards):
-        with wds.TarWriter(str(folder / f"txt-{s:06d}.tar"), mtime=0, encoder=False) as sink:
-            for i in range(per_shard):
-                sink.write({
-                    "__key__": f"{s:06d}-{i:06d}", "latent_mean.npy": half(16, side, side),
-                    "latent_logvar.npy": npy_bytes(np.full((16, side, side), -6.0, np.float16)),
-                    "text.npy": half(tokens, text["t5_width"]), "pooled.npy": half(sum(text["clip_proj"])),
-                    "mask.npy": npy_bytes(np.ones(tokens, np.uint8)), "txt": b"a synthetic caption",
-                })  # fmt: skip
-
-
 def prepare(args, runs: list[str], work: Path):
-    """Shards on the local S3 server, the tiny VAE and text stack; returns (server, context)."""
-    from nuance.data import storage
-
-    ctx = SimpleNamespace(work=work, vae=tiny_vae(work / "vae"), text=SMOKE_TEXT if args.smoke else SD3_TEXT)
+    """Shards on the local S3 server, the tiny VAE and text stacks; returns (server, context)."""
+    specs = SMOKE_TEXT if args.smoke else TEXT
+    ctx = SimpleNamespace(work=work, vae=tiny_vae(work / "vae"), sources={})
+    ctx.text = {args.large: specs[TEXT_OF_MODEL[args.large]], "unet": specs["sd2"]}
     fault_samples = args.fault_steps * args.fault_batch * max(args.gpu_counts)  # one epoch: keys unique
     per_shard = max(16 if args.smoke else 256, args.batch * 4, fault_samples // 16 + 1)
     write_latent_shards(work / "dit", shards=16, per_shard=per_shard)
     server, ctx.dit_source = serve(work / "dit", work)
-    if {"zero3_8b", "pipeline_vs_zero"} & set(runs):
-        shards = max(8, max(args.gpu_counts))
-        write_text_shards(work / "text", shards, args.text_per_shard, args.px // 8, ctx.text)
-        for s in range(shards):
-            storage.put_file(str(work / "text" / f"txt-{s:06d}.tar"), f"s3://bench/text/txt-{s:06d}.tar")
-        ctx.text_source = f"s3://bench/text/txt-{{000000..{shards - 1:06d}}}.tar"
-        ctx.text_folder = write_text_stack(work / "sd3", ctx.text)
+    shards = max(8, max(args.gpu_counts))
+    if {"zero3_large", "pipeline_vs_zero"} & set(runs):
+        for px in args.px_list:
+            name = f"text-{args.large}-{px}"
+            ctx.sources[args.large, px] = upload_text_shards(
+                work, name, shards, args.text_per_shard, px // 8, ctx.text[args.large]
+            )
+        ctx.text_folder = write_text_stack(work / ctx.text[args.large]["stack"], ctx.text[args.large])
+    if "unet_scaling" in runs:
+        per = max(args.text_per_shard, args.unet_batch * 4)
+        ctx.sources["unet", args.unet_px] = upload_text_shards(
+            work, "text-unet", 2 * shards, per, args.unet_px // 8, ctx.text["unet"]
+        )
+        ctx.unet_text = write_clip_folder(work / "sd2-text", ctx.text["unet"])
     return server, ctx
 
 
 def run_all(args, ctx, runs: list[str], results: list[dict], add) -> None:
     """Each run in turn; an unexpected error becomes that run's row. pipeline_vs_zero's ZeRO-3 row is the
-    last zero3_8b row of the same settings (this call's or the --json file's), else a new run."""
+    last zero3_large (or zero3_8b) row of the same settings (this call's or the --json file's), else a
+    new run."""
     n = max(args.gpu_counts)
     for name in runs:
         try:
             if name == "scaling":
                 rows = run_scaling(args, ctx, results)
-            elif name == "zero3_8b":
-                rows = [run_mmdit(args, ctx, "zero3", n)]
+            elif name == "unet_scaling":
+                rows = run_unet(args, ctx, results)
+            elif name == "zero3_large":
+                rows = [run_mmdit(args, ctx, n, px) for px in args.px_list]
             elif name == "fault":
                 rows = run_fault(args, ctx)
             else:
-                pipe = run_mmdit(args, ctx, f"pipeline_pp{n}", n)
-                same = {k: pipe[k] for k in ("model", "gpus", "px", "batch", "micro_batches", "offload")}
-                done = [r for r in results if r["run"] == "zero3_8b" and same.items() <= r.items()]
-                zero3 = {**done[-1], "reused": True} if done and "error" not in done[-1] else None
-                rows = [{**r, "run": name} for r in (pipe, zero3 or run_mmdit(args, ctx, "zero3", n))]
+                rows = [r for px in args.px_list for r in pipeline_rows(args, ctx, results, n, px)]
+            rows = [{**r, "run": name} for r in rows]
         except Exception as err:  # noqa: BLE001 - never end the driver: the row says what failed
             error = f"{type(err).__name__}: {err}"
             rows = [{"run": name, "model": "-", "gpus": n, "config": "-", "error": error}]
         for row in rows:
             add(row)
+
+
+def pipeline_rows(args, ctx, results: list[dict], n: int, px: int) -> list[dict]:
+    """A row per --pp (DP = N / PP), then the ZeRO-3 row of the same settings: reused, else measured."""
+    pipes = [run_mmdit(args, ctx, n, px, pp) for pp in args.pp_list]
+    same = {"model": args.large, "gpus": n, "px": px, "batch": args.mmdit_batch, "config": "zero3",
+            "micro_batches": args.micro_batches, "offload": args.offload, "smoke": args.smoke}  # fmt: skip
+    done = [r for r in results if r["run"] in ZERO3_RUNS and same.items() <= r.items()]
+    zero3 = {**done[-1], "reused": True} if done and "error" not in done[-1] else None
+    return [*pipes, zero3 or run_mmdit(args, ctx, n, px)]
 
 
 def parse(argv: list[str] | None):
@@ -440,17 +493,24 @@ def parse(argv: list[str] | None):
     if args.smoke:  # minimal CPU work: a plumbing check, not a number
         vars(args).update(SMOKE)
     args.gpu_counts = sorted({int(g) for g in args.gpus.split(",")})
-    args.dit_model, args.mmdit_model = MODELS[args.smoke]
-    runs = args.runs.split(",")
-    if set(runs) - set(RUNS) or max(args.gpu_counts) < 2 and {"fault", "pipeline_vs_zero"} & set(runs):
+    args.px_list = [int(px) for px in args.px.split(",")]
+    args.dit_model, args.unet_model = MODELS[args.smoke]
+    args.large = LARGE[args.model] if args.smoke and args.model in LARGE else args.model
+    n, args.run_list = max(args.gpu_counts), [ALIASES.get(r, r) for r in args.runs.split(",")]
+    args.pp_list = [int(pp) for pp in args.pp.split(",")] if args.pp else [n]
+    if args.model not in LARGE:
+        p.error(f"--model: one of {', '.join(LARGE)}")
+    if set(args.run_list) - set(RUNS) or n < 2 and {"fault", "pipeline_vs_zero"} & set(args.run_list):
         p.error(f"--runs: of {', '.join(RUNS)}; fault and pipeline_vs_zero need N >= 2 in --gpus")
+    if min(args.pp_list) < 1:
+        p.error("--pp: pipeline stages >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast off, in every run and its Ray workers
-    runs, out = args.runs.split(","), Path(args.json)
+    runs, out = args.run_list, Path(args.json)
     results = json.loads(out.read_text()) if args.append and out.is_file() else []
     device = gpu_info()[0]
 
@@ -479,12 +539,12 @@ def main(argv: list[str] | None = None) -> None:
 def table(rows: list[dict]) -> str:
     cols = [("img_s", "7.1f"), ("img_s_per_gpu", "6.1f"), ("ratio", "5.2f"), ("peak_gib_per_gpu", "7.1f"),
             ("host_gib", "8.1f"), ("data_wait_frac", "5.1%")]  # fmt: skip
-    lines = ["run              config        gpus   img/s   /gpu ratio GiB/gpu host GiB  wait  note"]
+    lines = ["run              config            gpus   img/s   /gpu ratio GiB/gpu host GiB  wait  note"]
     for r in rows:
         cells = [format(r[k], f) if isinstance(r.get(k), (int, float)) else "-" for k, f in cols]
         body = " ".join(c.rjust(int(f.split(".")[0])) for c, (_, f) in zip(cells, cols))
         note = (r.get("error") or "")[:60] or (f"passed={r['passed']}" if "passed" in r else "")
-        lines.append(f"{r['run']:<16} {r['config'][:13]:<13} {r['gpus']:>4} {body}  {note}")
+        lines.append(f"{r['run']:<16} {r['config'][:17]:<17} {r['gpus']:>4} {body}  {note}")
     return "\n".join(lines)
 
 
