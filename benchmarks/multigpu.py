@@ -81,8 +81,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
-from multigpu_data import (  # noqa: E402
+sys.path.insert(0, str(ROOT))  # benchmarks.* and tests.* (the tiny tokenizers)
+from benchmarks.multigpu_data import (  # noqa: E402
     SMOKE_TEXT,
     TEXT,
     TEXT_OF_MODEL,
@@ -90,7 +90,7 @@ from multigpu_data import (  # noqa: E402
     write_clip_folder,
     write_text_stack,
 )
-from stack import run_train, serve, tiny_vae, write_latent_shards  # noqa: E402
+from benchmarks.stack import run_train, serve, tiny_vae, write_latent_shards  # noqa: E402
 
 CLI = [sys.executable, "-m", "nuance.orchestration.cli", "train"]
 DIT_RECIPE, MMDIT_RECIPE = "recipes/dit_xl2_256.yaml", "recipes/sd35_large.yaml"

@@ -30,35 +30,25 @@ SMOKE_TEXT = {
 TEXT_OF_MODEL = {"sd35_large": "sd3", "mmdit_debug": "sd3", "flux_dev": "flux", "flux_debug": "flux"}
 
 
-def t5_encoder(width: int):
-    from transformers import T5Config, T5EncoderModel
-
-    from tests.stock_pipelines import LETTERS
-
-    config = T5Config(vocab_size=3 + 2 * len(LETTERS), d_model=width, d_kv=8, d_ff=32, num_layers=1,
-                      num_heads=2, decoder_start_token_id=0)  # fmt: skip
-    return T5EncoderModel(config)
-
-
 def write_text_stack(folder: Path, text: dict) -> Path:
     """A tiny random SD3 (CLIP-L, CLIP-G, T5) or Flux (CLIP-L, T5) text stack + 16-channel VAE, of the
     spec's widths: a pipeline folder (tokenizers from tests/stock_pipelines.py)."""
     from diffusers import AutoencoderKL
 
-    from tests.stock_pipelines import clip_model, clip_tokenizer, t5_tokenizer
+    from tests.stock_pipelines import clip_model, clip_tokenizer, t5_model, t5_tokenizer
 
     flux = text["stack"] == "flux"
     if flux:  # FluxPipeline: CLIP-L without projection (pooled = its hidden size), then T5
         parts = {"text_encoder": clip_model({"hidden_size": text["clip"][0]}, False),
                  "tokenizer": clip_tokenizer(folder.parent / f"{folder.name}-tok-l"),
-                 "text_encoder_2": t5_encoder(text["width"]), "tokenizer_2": t5_tokenizer()}  # fmt: skip
+                 "text_encoder_2": t5_model(text["width"]), "tokenizer_2": t5_tokenizer()}  # fmt: skip
     else:
         parts = {
             "text_encoder": clip_model({"hidden_size": 8, "projection_dim": text["clip"][0]}, True),
             "tokenizer": clip_tokenizer(folder.parent / f"{folder.name}-tok-l"),
             "text_encoder_2": clip_model({"hidden_size": 16, "projection_dim": text["clip"][1]}, True),
             "tokenizer_2": clip_tokenizer(folder.parent / f"{folder.name}-tok-g", pad="!"),
-            "text_encoder_3": t5_encoder(text["width"]), "tokenizer_3": t5_tokenizer(),
+            "text_encoder_3": t5_model(text["width"]), "tokenizer_3": t5_tokenizer(),
         }  # fmt: skip
     shift, scale = (0.1159, 0.3611) if flux else (0.0609, 1.5305)  # the released VAEs' latent statistics
     parts["vae"] = AutoencoderKL(

@@ -62,12 +62,12 @@ def clip_model(sizes: dict, projection: bool):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
-def t5_model():
+def t5_model(width: int = T5_WIDTH):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
         vocab_size=3 + 2 * len(LETTERS),
-        d_model=T5_WIDTH,
+        d_model=width,
         d_kv=8,
         d_ff=32,
         num_layers=1,

@@ -106,7 +106,7 @@ def test_every_import_is_declared_in_pyproject() -> None:
     distributions = metadata.packages_distributions()
     declared = _declared_closure()
     missing = []
-    for path in _python_files(*PACKAGES, "tests"):
+    for path in _python_files(*PACKAGES, "tests", "benchmarks"):
         for name in sorted(_top_level_imports(path)):
             if name in own or name in test_helpers or name in sys.stdlib_module_names:
                 continue
